@@ -1,0 +1,44 @@
+# eva_bench: `make reproduce-language` runs the main job, `make test` the tests. Both create .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# offline by default: every accidental hub call would otherwise hang ~30 s; W&B logs offline without a key
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export EVA_BENCH_DATA ?= $(abspath ../shared/data)
+EXPERIMENT ?= language_cpu
+ARGS ?=
+
+.PHONY: install test test-slow reproduce-language tables bench generate clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# The language table sweep (CPU default: stories260K, ~20 min on 2 cores), then its tables. A rerun skips finished
+# runs; tables are written even when a run failed (failed runs are recorded and left out of the means).
+reproduce-language: $(STAMP)
+	$(PY) -m tasks.language.train -m experiment=$(EXPERIMENT) $(ARGS); status=$$?; \
+	$(PY) -m eva_bench.tables --experiment $(EXPERIMENT); exit $$status
+
+tables: $(STAMP)
+	$(PY) -m eva_bench.tables
+
+bench: $(STAMP)
+	$(PY) -m bench.language
+
+generate: $(STAMP)
+	$(PY) -m tasks.language.generate --prompt "Once upon a time"
+
+clean:
+	rm -rf outputs multirun .pytest_cache

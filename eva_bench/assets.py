@@ -1,0 +1,73 @@
+"""One place that says where models and data come from.
+
+Order: the offline data root (``EVA_BENCH_DATA``, default ``../shared/data`` beside the repository) for local assets,
+the Hugging Face cache / hub for hub ids. Every miss is a clear error that names the asset and how to provide it,
+raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class MissingAssetError(FileNotFoundError):
+    """A local asset (file or directory) is not where the data root says it should be."""
+
+
+class OfflineHubError(RuntimeError):
+    """A hub id was asked for while the hub cannot be reached and the id is not in the local cache."""
+
+
+def data_root() -> Path:
+    """The offline data root: ``$EVA_BENCH_DATA`` if set, else ``../shared/data`` next to the repository."""
+    root = os.environ.get("EVA_BENCH_DATA")
+    return Path(root).expanduser().resolve() if root else (REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def cache_dir() -> Path:
+    """Where eva_bench keeps what it builds itself (converted models, init statistics): ``$EVA_BENCH_CACHE``."""
+    path = Path(os.environ.get("EVA_BENCH_CACHE", REPO_ROOT / ".cache")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def asset(relpath: str | os.PathLike, how_to_get: str = "") -> Path:
+    """Resolve ``relpath`` under the data root, or raise :class:`MissingAssetError` saying how to provide it."""
+    path = Path(relpath)
+    if not path.is_absolute():
+        path = data_root() / path
+    if not path.exists():
+        hint = f" {how_to_get}" if how_to_get else ""
+        raise MissingAssetError(
+            f"missing asset {relpath!s}: looked for {path}. Set EVA_BENCH_DATA to the offline data root "
+            f"(the repository's ../shared/data; see its SOURCES.md).{hint}"
+        )
+    return path
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face hub access is switched off (``HF_HUB_OFFLINE=1``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def require_hub(repo_id: str, revision: str | None = None, repo_type: str = "model") -> None:
+    """Fail fast if ``repo_id`` cannot be loaded: offline and absent from the local HF cache.
+
+    Without this, an offline ``from_pretrained`` on a missing id fails deep inside transformers (or, with the hub
+    unreachable but not declared offline, hangs ~30 s per retry).
+    """
+    if not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    probe = "config.json" if repo_type == "model" else "README.md"
+    hit = try_to_load_from_cache(repo_id, probe, revision=revision, repo_type=repo_type)
+    if not isinstance(hit, str):
+        raise OfflineHubError(
+            f"{repo_type} {repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face cache and "
+            f"HF_HUB_OFFLINE=1. Download it on a machine with hub access (huggingface-cli download {repo_id}"
+            f"{' --revision ' + revision if revision else ''}) or unset HF_HUB_OFFLINE."
+        )

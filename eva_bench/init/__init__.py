@@ -1,0 +1,165 @@
+"""The shared LoRA initializer: one entry point, every method looked up by name in ``INITS``.
+
+    peft_model, report = initialize(model, "eva", rank=8, alpha=1, target_modules="all-linear", calibration=cal)
+
+A method is a function ``(model, lora_config, calibration, **params) -> (peft_model, details)``; ``initialize`` does
+what every method shares: validate the targets and rank against the model, build the ``LoraConfig``, time the
+method, and report the realised per-layer ranks. Data reaches a method only through ``Calibration`` callbacks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import eva, random
+from .calibration import Calibration, select_rows
+
+LINEAR_TYPES = (nn.Linear, Conv1D)  # layers every method here can adapt (HF Conv1D: GPT-2-style models)
+
+
+@dataclass(frozen=True)
+class InitMethod:
+    apply: Callable  # (model, lora_config, calibration, **params) -> (peft_model, details dict)
+    needs: tuple[str, ...] = ()  # Calibration fields the method requires ("batches", "forward", "loss")
+    modifies_base_weights: bool = False  # True when W is replaced (e.g. by a residual W - sBA)
+
+
+INITS: dict[str, InitMethod] = {
+    "random": InitMethod(random.kaiming_uniform),
+    "gaussian": InitMethod(random.gaussian),
+    "eva": InitMethod(eva.eva, needs=("batches", "forward")),
+}
+
+
+@dataclass
+class InitReport:
+    method: str
+    seconds: float  # wall time of the method, model wrapping included
+    ranks: dict[str, int]  # realised rank per targeted layer (0: EVA gave it no adapter)
+    scalings: dict[str, float]  # realised s = alpha/r per adapted layer
+    calibration_batches: int  # calibration batches the method consumed (0 for data-free methods)
+    base_weights_modified: bool
+    trainable_parameters: int
+    params: dict = field(default_factory=dict)  # the method parameters used
+    details: dict = field(default_factory=dict)  # method-specific (e.g. EVA's unconverged layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class InitError(ValueError):
+    """Bad input to the initializer, raised before any work is done."""
+
+
+def initialize(
+    model: nn.Module,
+    method: str,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: str | list[str],
+    calibration: Calibration | None = None,
+    lora: dict | None = None,
+    **params,
+):
+    """Wrap ``model`` with LoRA adapters initialised by ``method``; return ``(peft_model, InitReport)``.
+
+    ``lora``: further ``LoraConfig`` options shared by every method (dropout, use_dora, use_rslora, bias).
+    ``params``: the method's own parameters (e.g. ``rho``, ``tau`` for EVA); unknown ones are an error.
+    """
+    if method not in INITS:
+        raise InitError(f"unknown init method {method!r}; valid: {', '.join(sorted(INITS))}")
+    spec = INITS[method]
+    _check_params(method, spec.apply, params)
+    if rank < 1:
+        raise InitError(f"rank must be >= 1 (got {rank})")
+    targets = find_targets(model, target_modules)
+    _check_rank(targets, rank)
+    missing = [f for f in spec.needs if calibration is None or getattr(calibration, f, None) is None]
+    if missing:
+        raise InitError(f"init {method!r} needs calibration data ({', '.join(missing)}); the task supplied none")
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), **(lora or {}))
+    start = time.perf_counter()
+    peft_model, details = spec.apply(model, config, calibration, **params)
+    seconds = time.perf_counter() - start
+
+    ranks, scalings = {}, {}
+    for name in targets:
+        module = peft_model.base_model.model.get_submodule(name)
+        adapted = isinstance(module, LoraLayer) and "default" in module.r
+        ranks[name] = module.r["default"] if adapted else 0
+        if adapted:
+            scalings[name] = float(module.scaling["default"])
+    report = InitReport(
+        method=method,
+        seconds=seconds,
+        ranks=ranks,
+        scalings=scalings,
+        calibration_batches=details.pop("calibration_batches", 0),
+        base_weights_modified=spec.modifies_base_weights,
+        trainable_parameters=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        params=params,
+        details=details,
+    )
+    return peft_model, report
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str, nn.Module]:
+    """The layers a target spec selects, with PEFT's matching rules, checked to be adaptable linear layers.
+
+    ``"all-linear"``: every Linear/Conv1D except the output layer. A string is a regex matched against the full
+    module name; a list matches a name equal to an entry or ending in ``.entry``. Matching anything that is not a
+    linear layer (a plain ``"proj"`` also hits timm's ``patch_embed.proj`` Conv2d) is an error, not a silent skip.
+    """
+    if target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        found = {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not head}
+    else:
+        found = {n: m for n, m in model.named_modules() if n and _matches(n, target_modules)}
+    if not found:
+        raise InitError(f"target_modules {target_modules!r} match no module of {type(model).__name__}")
+    wrong = {n: type(m).__name__ for n, m in found.items() if not isinstance(m, LINEAR_TYPES)}
+    if wrong:
+        listed = ", ".join(f"{n} ({t})" for n, t in sorted(wrong.items())[:8])
+        raise InitError(
+            f"target_modules {target_modules!r} match layers that are not nn.Linear/Conv1D: {listed}; "
+            "narrow the pattern (e.g. '.*blocks.*(qkv|proj)$' instead of 'proj')"
+        )
+    return found
+
+
+def _matches(name: str, target_modules: str | list[str]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _check_rank(targets: dict[str, nn.Module], rank: int) -> None:
+    too_small = {n: tuple(m.weight.shape) for n, m in targets.items() if rank > min(m.weight.shape)}
+    if too_small:
+        name, shape = next(iter(too_small.items()))
+        raise InitError(
+            f"rank {rank} exceeds what {len(too_small)} target layer(s) allow, e.g. {name} with weight {shape} "
+            f"(rank <= min(in, out) = {min(shape)})"
+        )
+
+
+def _check_params(method: str, apply: Callable, params: dict) -> None:
+    accepted = [p for p, v in inspect.signature(apply).parameters.items() if v.kind is v.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise InitError(f"init {method!r} has no parameter(s) {unknown}; it accepts {accepted or 'none'}")
+
+
+__all__ = ["INITS", "Calibration", "InitError", "InitMethod", "InitReport", "find_targets", "initialize", "select_rows"]

@@ -1,0 +1,54 @@
+"""What a task hands the initializer: batches and callbacks, so no initializer knows which task it serves.
+
+Every data-driven method (EVA, LoRA-DA, CorDA, LoRA-GA, ...) sees the same seeded batches, drawn once per run by the
+task from its training split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Batches from the downstream training data plus how to use them.
+
+    ``rows`` and ``loss_rows`` return a boolean mask over a layer input's leading dimensions (for a batch of token
+    sequences: ``(batch, seq)``; for images: ``(batch, patches)``; for a decision transformer: ``(batch, 3 * steps)``),
+    so every adapted layer's input can be reduced to the rows that count, whatever the task.
+    """
+
+    batches: Sequence[Any]  # the same seeded batches for every data-driven method
+    forward: Callable[[nn.Module, Any], Any]  # run the model on one batch (no loss needed)
+    loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # scalar training loss, for gradient-based inits
+    rows: Callable[[Any], torch.Tensor] | None = None  # rows of a layer input that are real data (not padding)
+    loss_rows: Callable[[Any], torch.Tensor] | None = None  # rows that carry a training loss (label masking)
+
+    def __post_init__(self):
+        if len(self.batches) == 0:
+            raise ValueError("Calibration needs at least one batch")
+
+    def mask(self, batch: Any, *, loss_only: bool = False) -> torch.Tensor | None:
+        """The flattened row mask of ``batch`` (``None``: every row counts)."""
+        fn = self.loss_rows if loss_only else self.rows
+        if loss_only and fn is None:
+            raise ValueError("label masking was asked for, but the task's Calibration has no `loss_rows` callback")
+        return None if fn is None else fn(batch).reshape(-1).bool()
+
+
+def select_rows(layer_input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Flatten a layer input to ``(rows, features)`` and keep the rows the mask marks."""
+    flat = layer_input.reshape(-1, layer_input.shape[-1])
+    if mask is None:
+        return flat
+    if mask.numel() != flat.shape[0]:
+        raise ValueError(
+            f"row mask has {mask.numel()} entries but the layer input has {flat.shape[0]} rows "
+            f"(input shape {tuple(layer_input.shape)}): the task's `rows` callback does not match its batches"
+        )
+    return flat[mask.to(flat.device)]

@@ -1,0 +1,132 @@
+"""What every task recipe does around its own steps: find its record, skip if done, seed, record, track.
+
+    ctx = RunContext.from_config(cfg, task="math", model="stories260k")
+    if ctx.finished():
+        return ctx.existing()
+    with ctx.recording() as record:
+        ...; record.init(report); record.train(fit_result); record.metrics(metrics)
+        return record.finish("success")
+
+An exception inside ``recording()`` writes a ``failed`` record (with the traceback) and is re-raised, so a single
+run exits non-zero and a Hydra sweep carries on with the next run and reports the failure at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import results
+from .tracking import make_tracker
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    config: dict  # the resolved run config
+    run: dict  # the keys a table groups by: experiment, task, model, init, rank, seed, config_hash
+    path: object  # the record's path
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, *, task: str, model: str) -> RunContext:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        run = {
+            "experiment": cfg.experiment_name,
+            "task": task,
+            "model": model,
+            "init": cfg.init.name,
+            "rank": int(cfg.lora.r),
+            "seed": int(cfg.seed),
+            "config_hash": results.config_hash(config),
+        }
+        run_id = results.run_id(task, model, cfg.init.name, cfg.lora.r, cfg.seed, config)
+        return cls(config=config, run=run, path=results.record_path(cfg.results_dir, cfg.experiment_name, run_id))
+
+    def finished(self) -> bool:
+        if self.config.get("force"):
+            return False
+        if results.is_finished(self.path):
+            print(f"skip (finished record exists): {self.path}")
+            return True
+        return False
+
+    def existing(self) -> dict:
+        return results.read_record(self.path)
+
+    @contextlib.contextmanager
+    def recording(self):
+        logger = dict(self.config.get("logger") or {"kind": "none"})
+        tracker = make_tracker(
+            logger.pop("kind"), group=self.run["experiment"], name=self.path.stem, config=self.config, **logger
+        ) if logger.get("kind", "none") != "none" else make_tracker("none")
+        record = Recorder(self, tracker)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            yield record
+        except BaseException as error:
+            record.fail(error)
+            raise
+
+
+@dataclass
+class Recorder:
+    ctx: RunContext
+    tracker: object
+    started_at: str = field(default_factory=results.now)
+    start: float = field(default_factory=time.perf_counter)
+    body: dict = field(default_factory=dict)
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        self.tracker.log(metrics, step)
+
+    def init(self, report) -> None:
+        self.body["init_report"] = report.to_dict()
+        self.body["trainable_parameters"] = report.trainable_parameters
+        self.tracker.summary({f"init/{k}": v for k, v in report.to_dict().items() if k in ("seconds", "calibration_batches")})
+
+    def train(self, result) -> None:
+        info = asdict(result)
+        info["examples_per_second"] = result.examples / result.seconds if result.seconds else None
+        self.body["train"] = info
+
+    def metrics(self, metrics: dict) -> None:
+        self.body["metrics"] = metrics
+        self.tracker.log({f"eval/{k}": v for k, v in metrics.items()})
+
+    def finish(self, status: str, error: str | None = None) -> dict:
+        record = {
+            "run": self.ctx.run,
+            "status": status,
+            "error": error,
+            "metrics": self.body.pop("metrics", {}),
+            **self.body,
+            "config": self.ctx.config,
+            "seconds": time.perf_counter() - self.start,
+            "peak_memory": results.peak_memory_bytes(),
+            "provenance": results.provenance(),
+            "started_at": self.started_at,
+            "finished_at": results.now(),
+        }
+        results.write_record(self.ctx.path, record)
+        self.tracker.summary({"status": status, **record["metrics"]})
+        self.tracker.finish(status)
+        print(f"{status}: {self.ctx.path}" + (f"  {record['metrics']}" if record["metrics"] else ""))
+        return record
+
+    def fail(self, error: BaseException) -> None:
+        message = "".join(traceback.format_exception(error))
+        with contextlib.suppress(Exception):  # never mask the original error
+            self.finish("failed", error=message)

@@ -1,0 +1,163 @@
+"""Records -> paper-style tables: ``results/tables/<experiment>.{md,csv,tex}``.
+
+One row per (task, model, rank, eval metric), one column per init method, cells "mean ± std (n)" over seeds, the
+best method per row in bold (lowest for NLL, highest otherwise), and the paper's published numbers beside ours where
+the experiment names them (``paper: {table, model}`` in its config).
+
+    python -m eva_bench.tables [--experiment language_cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from .results import load_records, read_record
+
+KEYS = ["task", "model", "rank", "metric"]
+PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
+
+
+def method_order(methods) -> list[str]:
+    from .init import INITS
+
+    known = [m for m in INITS if m in set(methods)]
+    return known + sorted(set(methods) - set(known))
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("nll") or metric.endswith("loss")
+
+
+def long_format(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, metric) of the successful runs; the newest record wins when a seed was rerun."""
+    ok = records[records["status"] == "success"].copy()
+    if ok.empty:
+        return pd.DataFrame(columns=[*KEYS, "method", "seed", "value"])
+    # a method run under two different configs in one experiment gets one column per config
+    hashes = ok.groupby(["task", "model", "init", "rank"])["config_hash"].transform("nunique")
+    ok["method"] = ok["init"].where(hashes == 1, ok["init"] + "@" + ok["config_hash"])
+    ok = ok.sort_values("finished_at").drop_duplicates(["task", "model", "method", "rank", "seed"], keep="last")
+    metric_cols = [c for c in ok.columns if c.startswith("metric.") and not c.endswith("/n")]
+    long = ok.melt(
+        id_vars=["task", "model", "method", "rank", "seed"], value_vars=metric_cols, var_name="metric", value_name="value"
+    ).dropna(subset=["value"])
+    long["metric"] = long["metric"].str.removeprefix("metric.")
+    return long
+
+
+def aggregate(long: pd.DataFrame) -> pd.DataFrame:
+    grouped = long.groupby([*KEYS, "method"])["value"]
+    return grouped.agg(mean="mean", std="std", n="count").reset_index()
+
+
+def paper_numbers(experiment_records: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The published numbers an experiment is compared with (``paper: {table, model}`` in its config)."""
+    config = read_record(Path(experiment_records["path"].iloc[0]))["config"]
+    paper = config.get("paper")
+    if not paper:
+        return pd.DataFrame(columns=["eval", "metric", "method", "value"]), ""
+    table = pd.read_csv(PAPER_DIR / f"{paper['table']}.csv")
+    table = table[table["model"] == paper["model"]]
+    return table, f"{paper['table']} ({paper['model']}): {table['source'].iloc[0].split(',')[0]}" if len(table) else ""
+
+
+def cell(mean: float, std: float, n: int, digits: int) -> str:
+    spread = "" if n < 2 or math.isnan(std) else f" ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}{spread} ({n})"
+
+
+def build_table(agg: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The wide table (cells as text, best bold) and a numeric twin of means for LaTeX/CSV consumers."""
+    methods = method_order(agg["method"].unique())
+    rows, numeric = [], []
+    for key, group in agg.groupby(KEYS, sort=True):
+        by_method = group.set_index("method")
+        digits = 3 if lower_is_better(key[3]) else 1
+        means = by_method["mean"]
+        best = means.idxmin() if lower_is_better(key[3]) else means.idxmax()
+        row = dict(zip(KEYS, key))
+        for m in methods:
+            if m in by_method.index:
+                r = by_method.loc[m]
+                text = cell(r["mean"], r["std"], int(r["n"]), digits)
+                row[m] = f"**{text}**" if m == best and len(means) > 1 else text
+            else:
+                row[m] = ""
+        eval_name, metric = key[3].split("/", 1) if "/" in key[3] else ("", key[3])
+        match = paper[(paper["eval"] == eval_name) & (paper["metric"] == metric)]
+        for _, p in match.iterrows():
+            row[f"{p['method']} (paper)"] = f"{p['value']:.1f}"
+        rows.append(row)
+        numeric.append({**dict(zip(KEYS, key)), **means.to_dict()})
+    table = pd.DataFrame(rows).fillna("")
+    return table, pd.DataFrame(numeric)
+
+
+def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | None:
+    records = load_records(results_dir, experiment)
+    if records.empty:
+        warnings.warn(f"no records for experiment {experiment!r} under {results_dir}")
+        return None
+    agg = aggregate(long_format(records))
+    paper, paper_source = paper_numbers(records)
+    table, _ = build_table(agg, paper)
+    status = records["status"].value_counts().to_dict()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / experiment
+    notes = [
+        f"# {experiment}",
+        "",
+        f"Runs: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}). Cells: mean ± std (n seeds)"
+        " over successful runs; best per row in bold (lowest NLL, highest accuracy). Accuracies in %, NLL in nats"
+        " per answer token.",
+    ]
+    if paper_source:
+        notes.append(f"Paper columns: {paper_source}; see results/paper/README.md.")
+    bad = records[records["status"] != "success"]
+    if len(bad):
+        listed = ", ".join(f"{Path(p).stem} ({s})" for p, s in zip(bad["path"], bad["status"]))
+        notes.append(f"Not in the means: {listed}.")
+    stem.with_suffix(".md").write_text("\n".join(notes) + "\n\n" + table.to_markdown(index=False) + "\n")
+    agg_out = agg.merge(
+        paper.rename(columns={"value": "paper"})[["eval", "metric", "method", "paper"]].assign(
+            metric=lambda d: d["eval"] + "/" + d["metric"]
+        ).drop(columns="eval"),
+        on=["metric", "method"],
+        how="left",
+    )
+    agg_out.to_csv(stem.with_suffix(".csv"), index=False)
+    latex = table.copy()
+    for col in latex.columns:
+        latex[col] = latex[col].astype(str).str.replace(r"\*\*(.*)\*\*", r"\\textbf{\1}", regex=True).str.replace(
+            "±", r"$\pm$"
+        ).str.replace("_", r"\_")
+    latex.columns = [str(c).replace("_", r"\_") for c in latex.columns]
+    stem.with_suffix(".tex").write_text(latex.to_latex(index=False, escape=False))
+    return stem.with_suffix(".md")
+
+
+def experiments(results_dir: Path) -> list[str]:
+    return sorted(p.name for p in results_dir.iterdir() if p.is_dir() and p.name not in {"tables", "paper"})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=Path("results"), help="the records root")
+    parser.add_argument("--out", type=Path, default=None, help="where tables go (default: <results>/tables)")
+    parser.add_argument("--experiment", action="append", help="only these experiments (default: all)")
+    args = parser.parse_args(argv)
+    out = args.out or args.results / "tables"
+    for experiment in args.experiment or experiments(args.results):
+        path = write_tables(args.results, experiment, out)
+        if path:
+            print(f"wrote {path} (+ .csv, .tex)")
+
+
+if __name__ == "__main__":
+    main()

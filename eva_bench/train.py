@@ -1,0 +1,130 @@
+"""One plain training loop for every task and every init: the same optimizer code whatever initialised the adapters.
+
+AdamW over the trainable parameters, linear warmup then cosine (or constant) schedule, gradient accumulation and
+clipping. A non-finite loss ends the run as ``diverged`` instead of training on garbage. Throughput matters (a
+benchmark runs thousands of these): no host sync per step beyond what clipping needs, loss read back only when logged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float  # peak learning rate
+    epochs: float = 1.0  # passes over the training batches (fractions allowed)
+    weight_decay: float = 0.0  # AdamW weight decay (EVA paper: 0 for language)
+    warmup_ratio: float = 0.0  # share of optimizer steps spent warming up linearly from 0
+    schedule: str = "cosine"  # "cosine" or "constant" after warmup
+    grad_accumulation: int = 1  # batches per optimizer step (effective batch = batch size x this)
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None disables
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    log_every: int = 10  # optimizer steps between loss read-backs
+
+
+@dataclass
+class FitResult:
+    status: str  # "success" or "diverged"
+    optimizer_steps: int
+    seconds: float
+    examples: int  # training examples seen
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, mean loss since last log)
+    final_loss: float | None = None
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
+    if schedule not in {"cosine", "constant"}:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: cosine, constant")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[Any]],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    optim: OptimConfig,
+    *,
+    steps_per_epoch: int,
+    batch_size: Callable[[Any], int] = lambda batch: len(batch["input_ids"]),
+    on_log: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Train the trainable parameters of ``model``.
+
+    ``batches(epoch)`` yields that epoch's batches (the task decides shuffling, seeded by epoch);
+    ``steps_per_epoch`` is the number of batches per epoch, so the schedule is known up front.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("fit: the model has no trainable parameters")
+    total_batches = max(1, round(optim.epochs * steps_per_epoch))
+    total_steps = math.ceil(total_batches / optim.grad_accumulation)
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, round(optim.warmup_ratio * total_steps), optim.schedule)
+    )
+
+    model.train()
+    result = FitResult(status="success", optimizer_steps=0, seconds=0.0, examples=0)
+    running, running_n, seen = 0.0, 0, 0  # running: a device tensor once a loss arrives
+    start = time.perf_counter()
+    try:
+        for epoch in range(math.ceil(optim.epochs)):
+            for batch in batches(epoch):
+                if seen == total_batches:
+                    break
+                loss = loss_fn(model, batch)
+                (loss / optim.grad_accumulation).backward()
+                running = running + loss.detach().float()  # stays on device: no sync per step
+                running_n += 1
+                seen += 1
+                result.examples += batch_size(batch)
+                if seen % optim.grad_accumulation and seen != total_batches:
+                    continue
+                if optim.max_grad_norm is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+                    if not torch.isfinite(norm):
+                        raise Diverged(f"non-finite gradient norm at step {result.optimizer_steps}")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.optimizer_steps += 1
+                if result.optimizer_steps % optim.log_every == 0 or seen == total_batches:
+                    mean = float(running / running_n)
+                    if not math.isfinite(mean):
+                        raise Diverged(f"loss is {mean} at step {result.optimizer_steps}")
+                    result.curve.append((result.optimizer_steps, mean))
+                    result.final_loss = mean
+                    if on_log is not None:
+                        on_log(result.optimizer_steps, mean)
+                    running, running_n = 0.0, 0
+    except Diverged as error:
+        result.status = "diverged"
+        result.curve.append((result.optimizer_steps, float("nan")))
+        result.final_loss = float("nan")
+        print(f"fit: run diverged: {error}")
+    finally:
+        result.seconds = time.perf_counter() - start
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    return result

@@ -1,0 +1,153 @@
+"""The language recipe: LoRA instruction tuning of a causal LM, one init method, one record.
+
+    python -m tasks.language.train init=eva lora.r=8 seed=0
+    python -m tasks.language.train -m experiment=language_cpu      # a whole table's sweep
+
+Reads top to bottom: skip if done -> seed -> build model and data -> initialize -> train -> evaluate -> record.
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from eva_bench.init import Calibration, initialize
+from eva_bench.recipe import RunContext, seed_everything
+from eva_bench.train import OptimConfig, fit
+from tasks.language import data as language_data
+from tasks.language import evaluate as language_eval
+
+
+def run(cfg: DictConfig) -> dict:
+    ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name)
+    if ctx.finished():
+        return ctx.existing()
+    with ctx.recording() as record:
+        seed_everything(cfg.seed)
+
+        # build: the pretrained model and the tokenized training split
+        model, tokenizer = hydra.utils.call(cfg.model.load)
+        model.config.use_cache = False  # training: no KV cache
+        pad_id = tokenizer.pad_token_id
+        train_examples = hydra.utils.call(cfg.task.train)
+        features = language_data.tokenize(train_examples, tokenizer, cfg.data.max_length)
+        batch_size = cfg.data.batch_size
+
+        # initialize: the same seeded calibration batches for every data-driven method
+        calibration = Calibration(
+            batches=calibration_batches(features, cfg.calibration, pad_id, cfg.seed),
+            forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+            loss=causal_lm_loss,
+            rows=lambda b: b["attention_mask"],  # every real token (the paper did not mask prompts)
+            loss_rows=lambda b: b["labels"] != -100,  # answer tokens only, for label masking
+        )
+        model, report = initialize(
+            model,
+            cfg.init.name,
+            rank=cfg.lora.r,
+            alpha=cfg.lora.alpha,
+            target_modules=_plain(cfg.lora.target_modules),
+            calibration=calibration,
+            lora={"lora_dropout": cfg.lora.dropout, "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora},
+            **cfg.init.params,
+        )
+        record.init(report)
+
+        # train: the shared loop; every epoch reshuffles with a generator seeded by (seed, epoch)
+        def epoch_batches(epoch: int):
+            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch
+                yield language_data.collate([features[j] for j in order[i : i + batch_size]], pad_id)
+
+        result = fit(
+            model,
+            epoch_batches,
+            causal_lm_loss,
+            OptimConfig(**cfg.optim),
+            steps_per_epoch=len(features) // batch_size,
+            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+        )
+        record.train(result)
+        if result.status == "diverged":
+            return record.finish("diverged")
+
+        # evaluate: every eval of the task config, on held-out test data only
+        model.config.use_cache = True
+        metrics = {}
+        for name, spec in cfg.task.evals.items():
+            examples = fitting(hydra.utils.call(spec.data), tokenizer, model, spec, cfg.data.max_length)
+            metrics[f"{name}/n"] = len(examples)
+            metrics.update({f"{name}/{k}": v for k, v in evaluate(model, tokenizer, examples, spec, cfg.data).items()})
+        if cfg.task.average:
+            metrics.update(averages(metrics))
+        record.metrics(metrics)
+        return record.finish("success")
+
+
+def causal_lm_loss(model, batch) -> torch.Tensor:
+    """Mean token cross-entropy on answer tokens (prompt and padding labels are -100)."""
+    return model(**batch).loss
+
+
+def calibration_batches(features, cfg, pad_id: int, seed: int) -> list[dict]:
+    """``cfg.batches`` batches drawn without replacement from the training split by a generator seeded by ``seed``."""
+    needed = cfg.batches * cfg.batch_size
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(10_007 + seed))[:needed]
+    chosen = [features[i] for i in order]
+    return [language_data.collate(chosen[i : i + cfg.batch_size], pad_id) for i in range(0, len(chosen), cfg.batch_size)]
+
+
+def evaluate(model, tokenizer, examples, spec, data_cfg) -> dict:
+    """The metrics an eval spec lists, named as in the tables."""
+    out = {}
+    for metric in spec.metrics:
+        if metric == "nll":
+            res = language_eval.answer_nll(model, tokenizer, examples, data_cfg.max_length, data_cfg.eval_batch_size)
+            out["nll"] = res["nll"]
+        elif metric == "accuracy":
+            score = hydra.utils.get_method(spec.scorer)
+            res = language_eval.generation_accuracy(
+                model, tokenizer, examples, score, spec.max_new_tokens, data_cfg.eval_batch_size
+            )
+            out["accuracy"] = 100 * res["accuracy"]
+        elif metric == "choice_accuracy":
+            out["choice_accuracy"] = 100 * language_eval.choice_accuracy(
+                model, tokenizer, examples, data_cfg.eval_batch_size
+            )["accuracy"]
+        else:
+            raise ValueError(f"unknown metric {metric!r}; valid: nll, accuracy, choice_accuracy")
+    return out
+
+
+def fitting(examples, tokenizer, model, spec, max_length: int) -> list:
+    """The test examples every metric can score within the model's trained context: the prompt shorter than
+    ``max_length`` and prompt + generation budget within ``max_position_embeddings``. The filter depends only on the
+    tokenizer and config, so every method is evaluated on the same examples."""
+    budget = min(max_length, model.config.max_position_embeddings - spec.get("max_new_tokens", 0))
+    kept = [ex for ex in examples if len(language_data.prompt_ids(tokenizer, ex.prompt)) < budget]
+    if not kept:
+        raise ValueError(f"no test example fits in {budget} prompt tokens; raise data.max_length or lower max_new_tokens")
+    return kept
+
+
+def averages(metrics: dict) -> dict:
+    by_metric: dict[str, list[float]] = {}
+    for key, value in metrics.items():
+        if key.endswith("/n"):
+            continue
+        by_metric.setdefault(key.split("/", 1)[1], []).append(value)
+    return {f"avg/{m}": sum(v) / len(v) for m, v in by_metric.items()}
+
+
+def _plain(value):
+    return value if isinstance(value, str) else list(value)
+
+
+@hydra.main(config_path="../../conf", config_name="language", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
