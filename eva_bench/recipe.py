@@ -67,10 +67,9 @@ class RunContext:
 
     @contextlib.contextmanager
     def recording(self):
-        logger = dict(self.config.get("logger") or {"kind": "none"})
-        tracker = make_tracker(
-            logger.pop("kind"), group=self.run["experiment"], name=self.path.stem, config=self.config, **logger
-        ) if logger.get("kind", "none") != "none" else make_tracker("none")
+        logger = dict(self.config.get("logger") or {})
+        kind = logger.pop("kind", "none")
+        tracker = make_tracker(kind, group=self.run["experiment"], name=self.path.stem, config=self.config, **logger)
         record = Recorder(self, tracker)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -95,7 +94,7 @@ class Recorder:
     def init(self, report) -> None:
         self.body["init_report"] = report.to_dict()
         self.body["trainable_parameters"] = report.trainable_parameters
-        self.tracker.summary({f"init/{k}": v for k, v in report.to_dict().items() if k in ("seconds", "calibration_batches")})
+        self.tracker.summary({"init": report.to_dict()})
 
     def train(self, result) -> None:
         info = asdict(result)

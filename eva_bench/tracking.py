@@ -57,6 +57,7 @@ class WandbTracker(Tracker):
 
 
 def make_tracker(kind: str, **kwargs) -> Tracker:
+    """``kind`` from ``conf/logger/``: "none" (records only) or "wandb"."""
     if kind in (None, "none"):
         return Tracker()
     if kind == "wandb":

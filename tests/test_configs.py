@@ -1,0 +1,71 @@
+"""Every config file composes; every experiment's sweep composes; paper-scale configs validate without a download."""
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from eva_bench.init import INITS
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_language(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="language", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_every_option_composes(group, option):
+    cfg = compose_language([f"{group}={option}"])
+    assert cfg[group] is not None
+
+
+def test_init_configs_match_the_registry():
+    names = {f.stem for f in (CONF / "init").glob("*.yaml")}
+    assert names == set(INITS)
+    for name in names:
+        assert compose_language([f"init={name}"]).init.name == name
+
+
+def sweep_points(cfg):
+    """The overrides of the first and last point of an experiment's sweep (glob(...) expanded over its group)."""
+    params = cfg.hydra.sweeper.params or {}
+    first, last = [], []
+    for key, spec in params.items():
+        if str(spec).startswith("glob("):
+            choices = sorted(f.stem for f in (CONF / key).glob("*.yaml"))
+            excluded = re.findall(r"exclude=\[?([\w,]+)\]?", str(spec))
+            choices = [c for c in choices if not excluded or c not in excluded[0].split(",")]
+        else:
+            choices = [c.strip() for c in str(spec).split(",")]
+        first.append(f"{key}={choices[0]}")
+        last.append(f"{key}={choices[-1]}")
+    return first, last
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_and_its_sweep_composes(experiment):
+    cfg = compose_language([f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment  # names line up: conf/experiment/X -> results/X
+    for point in sweep_points(cfg):
+        composed = compose_language([f"experiment={experiment}", *point])
+        assert composed.init.name in INITS
+        assert composed.lora.r >= 1
+
+
+PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
+
+
+@pytest.mark.parametrize("experiment", PAPER)
+def test_paper_experiments_pin_hub_revisions(experiment):
+    cfg = compose_language([f"experiment={experiment}"])
+    assert cfg.model.load._target_ == "tasks.language.models.from_hub"
+    assert re.fullmatch(r"[0-9a-f]{40}", cfg.model.load.revision)
+    assert cfg.lora.r == 16 and cfg.lora.alpha == 1 and cfg.optim.lr == 5e-4  # EVA v5 language protocol
+    assert cfg.data.batch_size * cfg.optim.grad_accumulation == 32
+    assert str(cfg.hydra.sweeper.params.seed) == "0,10,101"

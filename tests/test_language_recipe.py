@@ -1,0 +1,130 @@
+"""The language recipe end to end on the real stories260K: a few steps per task, records, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from eva_bench.assets import OfflineHubError
+from eva_bench.init import InitError
+from tasks.language.train import run
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+REPO = CONF.parent
+TINY = [  # a 2-step run: 40 training examples (a few are too long), batch 16, 4 test examples per eval, short generations
+    "task.train.limit=40", "task.eval_limit=4", "data.batch_size=16", "data.eval_batch_size=4",
+    "calibration.batches=2", "calibration.batch_size=8", "optim.log_every=1",
+]
+
+
+def compose_run(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="language", overrides=[*TINY, f"results_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("task,init,model", [
+    ("math", "random", "stories260k"), ("commonsense", "eva", "stories260k"), ("math", "eva", "stories260k_mistral"),
+])
+def test_two_step_smoke_run_writes_a_complete_record(tmp_path, task, init, model):
+    record = run(compose_run(tmp_path, f"task={task}", f"init={init}", f"model={model}", "lora.r=2"))
+    assert record["status"] == "success"
+    assert record["train"]["optimizer_steps"] == 2
+    assert record["init_report"]["method"] == init and sum(record["init_report"]["ranks"].values()) == 2 * 35
+    used = record["init_report"]["calibration_batches"]
+    assert 1 <= used <= 2 if init == "eva" else used == 0  # EVA: at most the 2 supplied, each once
+    evals = [k for k in record["metrics"] if k.endswith("/n")]
+    assert evals and all(record["metrics"][k] > 0 for k in evals)
+    for key in ("config", "provenance", "peak_memory", "trainable_parameters", "seconds"):
+        assert key in record
+    written = json.loads(Path(next(tmp_path.glob("dev/*.json"))).read_text())
+    assert written["run"]["init"] == init and written["run"]["rank"] == 2
+
+
+def test_rerun_skips_finished_and_force_reruns(tmp_path, capsys):
+    first = run(compose_run(tmp_path, "task=math"))
+    again = run(compose_run(tmp_path, "task=math"))
+    assert "skip" in capsys.readouterr().out and again["finished_at"] == first["finished_at"]
+    forced = run(compose_run(tmp_path, "task=math", "force=true"))
+    assert forced["started_at"] >= first["finished_at"] and len(list(tmp_path.glob("dev/*.json"))) == 1
+
+
+def test_exploding_learning_rate_is_recorded_as_diverged(tmp_path):
+    record = run(compose_run(tmp_path, "task=math", "optim.lr=1e30", "optim.max_grad_norm=null"))
+    assert record["status"] == "diverged" and record["metrics"] == {}
+
+
+def test_bad_rank_fails_before_training_with_a_failed_record(tmp_path):
+    with pytest.raises(InitError, match="rank 100 exceeds"):
+        run(compose_run(tmp_path, "task=math", "lora.r=100"))
+    record = json.loads(next(tmp_path.glob("dev/*.json")).read_text())
+    assert record["status"] == "failed" and "rank 100 exceeds" in record["error"] and "train" not in record
+
+
+def test_hub_model_offline_is_a_clear_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    with pytest.raises(OfflineHubError, match="meta-llama/Llama-2-7b-hf"):
+        run(compose_run(tmp_path, "model=llama2_7b"))
+
+
+def test_missing_asset_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVA_BENCH_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="stories260K.bin.*EVA_BENCH_DATA"):
+        run(compose_run(tmp_path))
+
+
+def test_killed_sweep_resumes_without_losing_records(tmp_path):
+    """Kill a 3-run sweep after its first record, rerun it: finished runs are skipped, nothing is corrupt."""
+    cmd = [sys.executable, "-m", "tasks.language.train", "-m", *TINY, f"results_dir={tmp_path}", "task=math",
+           "seed=0,1,2", f"hydra.sweep.dir={tmp_path}/multirun"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("dev/*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.read_text() for p in tmp_path.glob("dev/*.json")}
+    assert len(done) >= 1  # a kill mid-write can leave only a hidden .tmp file, never a partial record
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("skip (finished record exists)") == len(done)
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("dev/*.json")]
+    assert sorted(r["run"]["seed"] for r in records) == [0, 1, 2] and all(r["status"] == "success" for r in records)
+    for name, text in done.items():
+        assert (tmp_path / "dev" / name).read_text() == text  # finished records untouched
+
+
+def test_wandb_logger_runs_offline_and_a_wandb_failure_never_kills_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    record = run(compose_run(tmp_path, "logger=wandb", "task=math"))
+    assert record["status"] == "success"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # logged offline, syncable later
+
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    with pytest.warns(UserWarning, match="W&B init failed"):
+        record = run(compose_run(tmp_path, "logger=wandb", "task=math", "seed=1"))
+    assert record["status"] == "success"
+
+
+def test_unknown_init_or_task_lists_the_valid_ones(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="Available options"):
+        compose_run(tmp_path, "init=evaa")
+    with pytest.raises(MissingConfigException, match="commonsense"):
+        compose_run(tmp_path, "task=maths")
