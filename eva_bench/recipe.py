@@ -19,12 +19,25 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
+import hydra
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from . import results
 from .tracking import make_tracker
+
+
+def build(spec, **kwargs):
+    """``hydra.utils.call`` that lets our own errors through (a missing asset, an offline hub id) instead of
+    wrapping them in Hydra's InstantiationException, so callers and tests see the real error type."""
+    try:
+        return hydra.utils.call(spec, **kwargs)
+    except InstantiationException as error:
+        if error.__cause__ is not None:
+            raise error.__cause__ from None
+        raise
 
 
 def seed_everything(seed: int) -> None:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench.init import Calibration, initialize
-from eva_bench.recipe import RunContext, seed_everything
+from eva_bench.recipe import RunContext, build, seed_everything
 from eva_bench.train import OptimConfig, fit
 from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
@@ -27,10 +27,10 @@ def run(cfg: DictConfig) -> dict:
         seed_everything(cfg.seed)
 
         # build: the pretrained model and the tokenized training split
-        model, tokenizer = hydra.utils.call(cfg.model.load)
+        model, tokenizer = build(cfg.model.load)
         model.config.use_cache = False  # training: no KV cache
         pad_id = tokenizer.pad_token_id
-        train_examples = hydra.utils.call(cfg.task.train)
+        train_examples = build(cfg.task.train)
         features = language_data.tokenize(train_examples, tokenizer, cfg.data.max_length)
         batch_size = cfg.data.batch_size
 
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
         model.config.use_cache = True
         metrics = {}
         for name, spec in cfg.task.evals.items():
-            examples = fitting(hydra.utils.call(spec.data), tokenizer, model, spec, cfg.data.max_length)
+            examples = fitting(build(spec.data), tokenizer, model, spec, cfg.data.max_length)
             metrics[f"{name}/n"] = len(examples)
             metrics.update({f"{name}/{k}": v for k, v in evaluate(model, tokenizer, examples, spec, cfg.data).items()})
         if cfg.task.average:
