@@ -79,13 +79,15 @@ def build_table(agg: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, p
         by_method = group.set_index("method")
         digits = 3 if lower_is_better(key[3]) else 1
         means = by_method["mean"]
-        best = means.idxmin() if lower_is_better(key[3]) else means.idxmax()
+        shown = means.round(digits)  # compare what the reader sees: ties in print are ties
+        best_value = shown.min() if lower_is_better(key[3]) else shown.max()
+        best = set(shown.index[shown == best_value]) if shown.nunique() > 1 else set()  # all equal: no bold
         row = dict(zip(KEYS, key))
         for m in methods:
             if m in by_method.index:
                 r = by_method.loc[m]
                 text = cell(r["mean"], r["std"], int(r["n"]), digits)
-                row[m] = f"**{text}**" if m == best and len(means) > 1 else text
+                row[m] = f"**{text}**" if m in best else text
             else:
                 row[m] = ""
         eval_name, metric = key[3].split("/", 1) if "/" in key[3] else ("", key[3])
@@ -131,7 +133,7 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
         on=["metric", "method"],
         how="left",
     )
-    agg_out.to_csv(stem.with_suffix(".csv"), index=False)
+    agg_out.round(6).to_csv(stem.with_suffix(".csv"), index=False)
     latex = table.copy()
     for col in latex.columns:
         latex[col] = latex[col].astype(str).str.replace(r"\*\*(.*)\*\*", r"\\textbf{\1}", regex=True).str.replace(

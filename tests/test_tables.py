@@ -73,3 +73,17 @@ def test_paper_csv_is_well_formed():
     paper = pd.read_csv(tables.PAPER_DIR / "eva_v5_language.csv")
     assert set(paper.columns) == {"model", "eval", "metric", "method", "value", "source"}
     assert paper["source"].str.contains("2410.07170v5").all()
+
+
+def test_ties_are_not_bold_and_tied_bests_all_are():
+    agg = pd.DataFrame([
+        {"task": "t", "model": "m", "rank": 2, "metric": "x/accuracy", "method": "random", "mean": 0.0, "std": 0.0, "n": 3},
+        {"task": "t", "model": "m", "rank": 2, "metric": "x/accuracy", "method": "eva", "mean": 0.0, "std": 0.0, "n": 3},
+        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": "random", "mean": 5.0, "std": 0.0, "n": 3},
+        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": "eva", "mean": 5.0, "std": 0.0, "n": 3},
+        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": "pissa", "mean": 1.0, "std": 0.0, "n": 3},
+    ])
+    table, _ = tables.build_table(agg, pd.DataFrame(columns=["eval", "metric", "method", "value"]))
+    x, y = table.iloc[0], table.iloc[1]
+    assert "**" not in x["random"] + x["eva"]
+    assert y["random"].startswith("**") and y["eva"].startswith("**") and "**" not in y["pissa"]

@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import eva, random
+from . import eva, eva_peft, lora_da, peft_methods, random, svd
 from .calibration import Calibration, select_rows
 
 LINEAR_TYPES = (nn.Linear, Conv1D)  # layers every method here can adapt (HF Conv1D: GPT-2-style models)
@@ -32,12 +32,21 @@ class InitMethod:
     apply: Callable  # (model, lora_config, calibration, **params) -> (peft_model, details dict)
     needs: tuple[str, ...] = ()  # Calibration fields the method requires ("batches", "forward", "loss")
     modifies_base_weights: bool = False  # True when W is replaced (e.g. by a residual W - sBA)
+    preserves_function: bool = True  # the adapted model computes the pretrained function at step 0
 
 
 INITS: dict[str, InitMethod] = {
     "random": InitMethod(random.kaiming_uniform),
     "gaussian": InitMethod(random.gaussian),
     "eva": InitMethod(eva.eva, needs=("batches", "forward")),
+    "eva_peft": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),  # PEFT 0.21's EVA, the reference
+    "pissa": InitMethod(svd.pissa, modifies_base_weights=True),
+    "milora": InitMethod(svd.milora, modifies_base_weights=True),
+    "ailora": InitMethod(svd.ailora, modifies_base_weights=True),
+    "olora": InitMethod(peft_methods.olora, modifies_base_weights=True),
+    "corda": InitMethod(peft_methods.corda, needs=("batches", "forward"), modifies_base_weights=True),
+    "lora_ga": InitMethod(peft_methods.lora_ga, needs=("batches", "loss"), modifies_base_weights=True),
+    "lora_da": InitMethod(lora_da.lora_da, needs=("batches", "loss"), preserves_function=False),  # offset_base: True
 }
 
 
@@ -49,6 +58,7 @@ class InitReport:
     scalings: dict[str, float]  # realised s = alpha/r per adapted layer
     calibration_batches: int  # calibration batches the method consumed (0 for data-free methods)
     base_weights_modified: bool
+    function_preserved: bool  # the model computes the pretrained function at step 0
     trainable_parameters: int
     params: dict = field(default_factory=dict)  # the method parameters used
     details: dict = field(default_factory=dict)  # method-specific (e.g. EVA's unconverged layers)
@@ -90,9 +100,11 @@ def initialize(
         raise InitError(f"init {method!r} needs calibration data ({', '.join(missing)}); the task supplied none")
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), **(lora or {}))
+    was_training = model.training
     start = time.perf_counter()
     peft_model, details = spec.apply(model, config, calibration, **params)
     seconds = time.perf_counter() - start
+    peft_model.train(was_training)  # a method may leave train mode on (PEFT's EVA does); dropout would change outputs
 
     ranks, scalings = {}, {}
     for name in targets:
@@ -107,7 +119,8 @@ def initialize(
         ranks=ranks,
         scalings=scalings,
         calibration_batches=details.pop("calibration_batches", 0),
-        base_weights_modified=spec.modifies_base_weights,
+        base_weights_modified=details.pop("base_weights_modified", spec.modifies_base_weights),  # details may override
+        function_preserved=details.pop("function_preserved", spec.preserves_function),
         trainable_parameters=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         params=params,
         details=details,

@@ -28,6 +28,7 @@ class Calibration:
     loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # scalar training loss, for gradient-based inits
     rows: Callable[[Any], torch.Tensor] | None = None  # rows of a layer input that are real data (not padding)
     loss_rows: Callable[[Any], torch.Tensor] | None = None  # rows that carry a training loss (label masking)
+    dataset_size: int | None = None  # examples in the training split (LoRA-DA's N: the variance term scales as 1/N)
 
     def __post_init__(self):
         if len(self.batches) == 0:

@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> dict:
             loss=causal_lm_loss,
             rows=lambda b: b["attention_mask"],  # every real token (the paper did not mask prompts)
             loss_rows=lambda b: b["labels"] != -100,  # answer tokens only, for label masking
+            dataset_size=len(features),
         )
         model, report = initialize(
             model,
