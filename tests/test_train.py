@@ -24,7 +24,7 @@ def test_fit_reduces_loss_and_reports():
     torch.manual_seed(0)
     model, data = nn.Linear(4, 1), regression()
     before = sum(mse(model, b).item() for b in data) / len(data)
-    result = fit(model, lambda epoch: iter(data), mse, OptimConfig(lr=0.05, epochs=5, log_every=4),
+    result = fit(model, lambda epoch: iter(data), mse, OptimConfig(lr=0.2, epochs=5, log_every=4),
                  steps_per_epoch=len(data))
     after = sum(mse(model, b).item() for b in data) / len(data)
     assert result.status == "success" and result.optimizer_steps == 40 and result.examples == 40 * 16
