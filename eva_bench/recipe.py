@@ -40,6 +40,12 @@ def build(spec, **kwargs):
         raise
 
 
+def set_threads(threads: int | None) -> None:
+    """Pin torch's CPU threads (a sweep of parallel 1-thread jobs beats oversubscribed 2-thread ones on tiny models)."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -26,7 +26,7 @@ from .assets import REPO_ROOT
 SCHEMA = 1
 FINISHED = ("success", "diverged")
 PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core", "minari", "metaworld", "wandb")
-IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra")
+IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads")  # bookkeeping, not the result
 
 
 def config_hash(config: dict) -> str:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench.init import Calibration, initialize
-from eva_bench.recipe import RunContext, build, seed_everything
+from eva_bench.recipe import RunContext, build, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
@@ -24,6 +24,7 @@ def run(cfg: DictConfig) -> dict:
     if ctx.finished():
         return ctx.existing()
     with ctx.recording() as record:
+        set_threads(cfg.get("threads"))
         seed_everything(cfg.seed)
 
         # build: the pretrained model and the tokenized training split
