@@ -38,7 +38,9 @@ class InitMethod:
 INITS: dict[str, InitMethod] = {
     "random": InitMethod(random.kaiming_uniform),
     "gaussian": InitMethod(random.gaussian),
-    "eva": InitMethod(eva.eva, needs=("batches", "forward")),
+    # EVA through PEFT 0.21 (eva_peft.py), which produced the committed results; eva.py's exact incremental PCA takes
+    # this name once it is shown to give PEFT's components and rank allocation (issue: EVA near its floor)
+    "eva": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),
     "eva_peft": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),  # PEFT 0.21's EVA, the reference
     "pissa": InitMethod(svd.pissa, modifies_base_weights=True),
     "milora": InitMethod(svd.milora, modifies_base_weights=True),
