@@ -37,6 +37,7 @@ tables: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.language
+	$(PY) -m bench.eva
 
 generate: $(STAMP)
 	$(PY) -m tasks.language.generate --prompt "Once upon a time"

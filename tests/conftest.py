@@ -13,6 +13,13 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from eva_bench.init import Calibration  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def private_init_cache(tmp_path_factory, monkeypatch):
+    """Init statistics are cached under a per-test directory, never the repository's .cache (a test must not
+    depend on, or leave, entries another run wrote)."""
+    monkeypatch.setenv("EVA_BENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

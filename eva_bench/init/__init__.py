@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -38,9 +37,9 @@ class InitMethod:
 INITS: dict[str, InitMethod] = {
     "random": InitMethod(random.kaiming_uniform),
     "gaussian": InitMethod(random.gaussian),
-    # EVA through PEFT 0.21 (eva_peft.py), which produced the committed results; eva.py's exact incremental PCA takes
-    # this name once it is shown to give PEFT's components and rank allocation (issue: EVA near its floor)
-    "eva": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),
+    # PEFT 0.21's algorithm at about the cost of its forwards: the same ranks and components as eva_peft on the same
+    # batches (tests/test_eva_fast.py), 2-2.5x faster (bench/README.md)
+    "eva": InitMethod(eva.eva, needs=("batches", "forward")),
     "eva_peft": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),  # PEFT 0.21's EVA, the reference
     "pissa": InitMethod(svd.pissa, modifies_base_weights=True),
     "milora": InitMethod(svd.milora, modifies_base_weights=True),

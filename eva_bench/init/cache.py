@@ -39,7 +39,7 @@ from torch import nn
 
 from eva_bench import assets
 
-FORMAT_VERSION = 1  # bump when any cached statistic's computation or layout changes
+FORMAT_VERSION = 2  # bump when any cached statistic's computation or layout changes
 
 
 def model_fingerprint(model: nn.Module) -> str:
