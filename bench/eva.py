@@ -75,7 +75,7 @@ def stories260k_setup() -> dict:
 
     model, tokenizer = stories260k()
     model.config.use_cache = False  # as the recipe calibrates
-    examples = language_data.math_train(source="gsm8k", limit=1024, seed=0)  # conf/task/math.yaml
+    examples = language_data.math_train(source="gsm8k", limit=512, seed=0)  # conf/task/math.yaml
     features = language_data.tokenize(examples, tokenizer, 384)  # data.max_length
     batches = calibration_batches(features, SimpleNamespace(batches=16, batch_size=16), tokenizer.pad_token_id, 0)
     calibration = Calibration(

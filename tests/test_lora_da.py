@@ -3,6 +3,8 @@
 import copy
 import math
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -312,6 +314,26 @@ def test_short_calibration_reuses_batches_with_a_warning():
     assert "fewer than n_g=256" in messages and "6 of their 6 batches are reused from the gradient" in messages
     assert report.details["gradient_batches"] == 6 and report.details["fisher_reused_batches"] == 6
     assert report.calibration_batches == 6 and report.details["n_train"] == 24
+
+
+def test_no_counts_split_the_calibration_batches_in_half():
+    """n_g = n_F = None: the suite's config default; the gradient takes the first ceil(B/2) batches, the Fisher the
+    rest, none reused and no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # ours; transformers' FutureWarnings are not
+        _, report = initialize(
+            tiny_llama(), "lora_da", rank=2, alpha=1, target_modules=["q_proj"],
+            calibration=lm_calibration(token_batches(5)), n_g=None, n_F=None,
+        )
+    d = report.details
+    assert (d["gradient_batches"], d["fisher_batches"], d["fisher_reused_batches"]) == (3, 2, 0)
+    assert (d["gradient_examples"], d["fisher_examples"]) == (12, 8) and report.calibration_batches == 5
+    with pytest.raises(ValueError, match="both n_g and n_F, or neither"):
+        initialize(tiny_llama(), "lora_da", rank=2, alpha=1, target_modules=["q_proj"],
+                   calibration=lm_calibration(token_batches(5)), n_g=None)
+    with pytest.raises(ValueError, match="at least 2"):
+        initialize(tiny_llama(), "lora_da", rank=2, alpha=1, target_modules=["q_proj"],
+                   calibration=lm_calibration(token_batches(1)), n_g=None, n_F=None)
 
 
 def test_gpt2_conv1d_targets():

@@ -57,8 +57,8 @@ def lora_da(
     lora_config: LoraConfig,
     calibration: Calibration,
     *,
-    n_g: int = 256,
-    n_F: int = 256,
+    n_g: int | None = 256,
+    n_F: int | None = 256,
     beta: float = 0.03,
     gamma: float = 1024.0,
     damping: float = 1e-6,
@@ -66,11 +66,15 @@ def lora_da(
     n_train: int | None = None,
 ):
     """LoRA-DA init; the defaults are the authors' code (conf/lora_da.yaml: 256/256 examples, beta 0.03,
-    stable gamma 1024, damping 1e-6, no offset). ``n_train``: the training-set size N of the variance term
+    stable gamma 1024, damping 1e-6, no offset). ``n_g=None, n_F=None``: the first half of the calibration batches
+    for the gradient, the second half for the Fisher (every data-driven method then sees the same calibration
+    budget, however large the run makes it). ``n_train``: the training-set size N of the variance term
     (default: the number of calibration examples used)."""
     from . import find_targets
 
     _check_params(n_g=n_g, n_F=n_F, beta=beta, gamma=gamma, damping=damping, n_train=n_train)
+    if n_g is None and len(calibration.batches) < 2:
+        raise ValueError("lora_da: n_g = n_F = None splits the calibration batches in half: supply at least 2")
     if lora_config.use_dora:
         raise ValueError("lora_da initializes standard LoRA only: DoRA's magnitude vector is not part of the method")
     targets = find_targets(model, lora_config.target_modules)
@@ -195,7 +199,7 @@ class _Statistics:
         return sum(self.batch_examples.values())
 
 
-def _statistics(model, targets: dict[str, nn.Module], calibration: Calibration, *, n_g: int, n_F: int) -> _Statistics:
+def _statistics(model, targets: dict[str, nn.Module], calibration: Calibration, *, n_g: int | None, n_F: int | None) -> _Statistics:
     """G, Z and Y on the base model. Only the target weights require grad while this runs; every parameter's
     requires_grad and the model's train/eval mode are restored afterwards."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
@@ -249,7 +253,9 @@ class _Hooks:
 
 
 def _gradient_pass(model, targets, calibration, n_g, stats) -> None:
-    """Step 1: G = mean over examples of dL/dW, from calibration batches in order until n_g examples are covered."""
+    """Step 1: G = mean over examples of dL/dW, from calibration batches in order until n_g examples are covered
+    (None: the first half of the batches)."""
+    first_half = (len(calibration.batches) + 1) // 2
     names = list(targets)
     weights = [targets[n].weight for n in names]
     totals = {n: torch.zeros(_out_in_shape(targets[n]), dtype=torch.float32, device=targets[n].weight.device)
@@ -257,7 +263,7 @@ def _gradient_pass(model, targets, calibration, n_g, stats) -> None:
     hooks = _Hooks(targets, capture=False)
     try:
         for batch in calibration.batches:
-            if stats.gradient_examples >= n_g:
+            if stats.gradient_examples >= n_g if n_g is not None else stats.gradient_batches >= first_half:
                 break
             hooks.start()
             loss = calibration.loss(model, batch)
@@ -272,7 +278,7 @@ def _gradient_pass(model, targets, calibration, n_g, stats) -> None:
             stats.gradient_examples += b
     finally:
         hooks.close()
-    if stats.gradient_examples < n_g:
+    if n_g is not None and stats.gradient_examples < n_g:
         warnings.warn(
             f"lora_da: the calibration holds {stats.gradient_examples} examples, fewer than n_g={n_g}; "
             "the mean gradient uses them all",
@@ -282,16 +288,16 @@ def _gradient_pass(model, targets, calibration, n_g, stats) -> None:
 
 
 def _fisher_pass(model, targets, calibration, n_F, stats) -> None:
-    """Step 2: K-FAC factors from the batches after the gradient's, until n_F examples are covered; when the
-    calibration runs out, gradient batches are reused (each batch at most once) with a warning."""
+    """Step 2: K-FAC factors from the batches after the gradient's, until n_F examples are covered (None: all of
+    them); when the calibration runs out, gradient batches are reused (each batch at most once) with a warning."""
     count = len(calibration.batches)
     start = stats.gradient_batches
-    order = list(range(start, count)) + list(range(min(start, count)))
+    order = list(range(start, count)) + (list(range(min(start, count))) if n_F is not None else [])
     hooks = _Hooks(targets, capture=True)
     first_groups: dict[str, str] | None = None
     try:
         for i in order:
-            if stats.fisher_examples >= n_F:
+            if n_F is not None and stats.fisher_examples >= n_F:
                 break
             batch = calibration.batches[i]
             mask = calibration.mask(batch)  # real rows only (padding dropped), as for EVA
@@ -329,7 +335,7 @@ def _fisher_pass(model, targets, calibration, n_F, stats) -> None:
     for name, leader in first_groups.items():
         stats.groups.setdefault(leader, []).append(name)
 
-    if stats.fisher_reused or stats.fisher_examples < n_F:
+    if stats.fisher_reused or stats.fisher_examples < (n_F if n_F is not None else 1):
         warnings.warn(
             f"lora_da: the Fisher factors use {stats.fisher_examples} examples (n_F={n_F}); {stats.fisher_reused} of "
             f"their {stats.fisher_batches} batches are reused from the gradient's; supply more calibration batches "
@@ -363,7 +369,9 @@ def _as_out_in(weight_like: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 def _check_params(*, n_g, n_F, beta, gamma, damping, n_train) -> None:
-    if n_g < 1 or n_F < 1:
+    if (n_g is None) != (n_F is None):
+        raise ValueError("lora_da: give both n_g and n_F, or neither (None: split the calibration batches in half)")
+    if n_g is not None and (n_g < 1 or n_F < 1):
         raise ValueError(f"lora_da: n_g and n_F count examples and must be >= 1 (got {n_g}, {n_F})")
     if beta < 0:
         raise ValueError(f"lora_da: beta weighs the variance term and must be >= 0 (got {beta})")
