@@ -38,6 +38,7 @@ tables: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.language
 	$(PY) -m bench.eva
+	$(PY) -m bench.init
 
 generate: $(STAMP)
 	$(PY) -m tasks.language.generate --prompt "Once upon a time"

@@ -1,8 +1,9 @@
 """Speed benchmarks of the suite's own machinery, each measured against a plain baseline in the same run.
 
-    make bench                    # both, about 5 minutes on 2 idle cores
+    make bench                    # all three, about 10 minutes on 2 idle cores
     python -m bench.language      # the training loop vs plain PyTorch; EVA vs its forward passes (stories260K)
     python -m bench.eva           # eva_bench's EVA vs PEFT's, each vs its forwards (ViT-tiny, stories260K); the cache
+    python -m bench.init          # every registered init: seconds and peak memory vs a training step and its forwards
 
 See bench/README.md for what is measured, why, and the figures measured so far.
 """

@@ -58,10 +58,15 @@ def vit_setup(batches: int) -> dict:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10)
     g = torch.Generator().manual_seed(0)
-    images = [torch.randn(32, 3, 32, 32, generator=g) for _ in range(batches)]
+    # (images, labels): random labels give the gradient-based inits (bench.init) a loss; EVA uses the images only
+    data = [(torch.randn(32, 3, 32, 32, generator=g), torch.randint(10, (32,), generator=g)) for _ in range(batches)]
     return {
         "model": model.eval(),
-        "calibration": Calibration(batches=images, forward=lambda m, x: m(x)),
+        "calibration": Calibration(
+            batches=data,
+            forward=lambda m, b: m(b[0]),
+            loss=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+        ),
         "rank": 4,
         "targets": r".*blocks.*(qkv|proj|fc1|fc2)$",
         "describe": f"timm ViT-tiny (random init, img 32, patch 4), {batches} batches of 32 random images, r=4, rho=2",
@@ -71,7 +76,7 @@ def vit_setup(batches: int) -> dict:
 def stories260k_setup() -> dict:
     from tasks.language import data as language_data
     from tasks.language.models import stories260k
-    from tasks.language.train import calibration_batches
+    from tasks.language.train import calibration_batches, causal_lm_loss
 
     model, tokenizer = stories260k()
     model.config.use_cache = False  # as the recipe calibrates
@@ -81,6 +86,7 @@ def stories260k_setup() -> dict:
     calibration = Calibration(
         batches=batches,
         forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+        loss=causal_lm_loss,
         rows=lambda b: b["attention_mask"],
         loss_rows=lambda b: b["labels"] != -100,
     )

@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import eva, eva_peft, lora_da, peft_methods, random, svd
+from . import controls, eva, eva_peft, lora_da, peft_methods, random, svd
 from .calibration import Calibration, select_rows
 
 LINEAR_TYPES = (nn.Linear, Conv1D)  # layers every method here can adapt (HF Conv1D: GPT-2-style models)
@@ -41,6 +41,10 @@ INITS: dict[str, InitMethod] = {
     # batches (tests/test_eva_fast.py), 2-2.5x faster (bench/README.md)
     "eva": InitMethod(eva.eva, needs=("batches", "forward")),
     "eva_peft": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),  # PEFT 0.21's EVA, the reference
+    # controls: EVA with one thing changed (the basis, the layer, the subspace), controls.py
+    "eva_rot": InitMethod(controls.eva_rot, needs=("batches", "forward")),
+    "eva_perm": InitMethod(controls.eva_perm, needs=("batches", "forward")),
+    "random_orth": InitMethod(controls.random_orth, needs=("batches", "forward")),
     "pissa": InitMethod(svd.pissa, modifies_base_weights=True),
     "milora": InitMethod(svd.milora, modifies_base_weights=True),
     "ailora": InitMethod(svd.ailora, modifies_base_weights=True),

@@ -132,6 +132,7 @@ def eva(
     max_batches: int | None = None,
     exact_pca: bool = False,
     cache: bool = True,
+    permute_layers: bool = False,
 ):
     """EVA init. ``label_mask``: keep only loss-carrying rows (the paper did not, for math and commonsense).
 
@@ -139,6 +140,8 @@ def eva(
     (PEFT's behaviour; the authors' training code does not). ``max_batches``: at most this many calibration batches,
     each used once (default: all the task supplied). ``exact_pca``: exact principal directions of every row seen
     instead of the paper's/PEFT's truncated incremental SVD (module doc). ``cache``: reuse / store the statistics.
+    ``permute_layers``: the ``eva_perm`` control (controls.py): each layer gets the components of another input
+    group of the same width (a random derangement, torch's global RNG); ranks and scales stay EVA's.
     """
     check_eva_params(rho, tau)
     check_components_fit(model, lora_config, rho)
@@ -174,10 +177,11 @@ def eva(
             "Supply more calibration batches (or lower tau) for converged components.",
             stacklevel=3,
         )
+    donor = _derangement(feed.groups) if permute_layers else {id(g): g for g in feed.groups}
     rows = {}
     for name, r in ranks.items():
         if r:
-            state = group_of[name].state.head(r)
+            state = donor[id(group_of[name])].state.head(r)  # every group holds k >= r components
             # whitening (Sec. 3): divide by the square root of the singular values, once per layer
             rows[name] = state.components / state.singular_values.sqrt().unsqueeze(1) if whiten else state.components
     eva_config = EvaConfig(
@@ -192,7 +196,31 @@ def eva(
             n: round(group_of[n].state.ratios[:r].sum().item(), 6) for n, r in ranks.items() if r
         },
         "cache": status,
+        **({"donors": {n: donor[id(group_of[n])].names[0] for n, r in ranks.items() if r}} if permute_layers else {}),
     }
+
+
+def _derangement(groups: list[_Group]) -> dict[int, _Group]:
+    """id(group) -> the group whose components it takes: within each input width, the groups in a random order each
+    take the next one's (a cyclic shift, so none keeps its own). A width with a single group cannot be permuted."""
+    by_width: dict[int, list[_Group]] = {}
+    for g in groups:
+        by_width.setdefault(g.state.components.shape[1], []).append(g)
+    lonely = [n for same in by_width.values() if len(same) == 1 for n in same[0].names]
+    if len(lonely) == sum(len(g.names) for g in groups):
+        raise ValueError(
+            "eva_perm: no two input groups share a width, so no layer can take another's components "
+            f"(widths: {sorted(by_width)}); the control is undefined for these target layers"
+        )
+    if lonely:
+        warnings.warn(f"eva_perm: {len(lonely)} layer(s) have no other input group of their width and keep their own "
+                      f"components: {', '.join(lonely)}", stacklevel=4)
+    donor = {}
+    for same in by_width.values():
+        order = [same[i] for i in torch.randperm(len(same)).tolist()]
+        for i, g in enumerate(order):
+            donor[id(g)] = order[(i + 1) % len(order)]
+    return donor
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
