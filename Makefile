@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export EVA_BENCH_DATA ?= $(abspath ../shared/data)
-EXPERIMENT ?= language_cpu
+PROTOCOL ?= fixed
+# PROTOCOL=tuned: each method x rank at its own lr, chosen on a validation split (eva_bench/protocol.py)
+EXPERIMENT ?= language_cpu$(if $(filter tuned,$(PROTOCOL)),_tuned)
 ARGS ?=
 
 .PHONY: install test test-slow reproduce-language tables bench generate clean

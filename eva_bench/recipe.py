@@ -115,6 +115,12 @@ class Recorder:
         self.body["trainable_parameters"] = report.trainable_parameters
         self.tracker.summary({"init": report.to_dict()})
 
+    def protocol(self, selection: dict | None) -> None:
+        """The tuned protocol's lr selection (grid scores, chosen lr); nothing under the fixed protocol."""
+        if selection is not None:
+            self.body["protocol"] = selection
+            self.tracker.summary({"protocol": selection})
+
     def train(self, result) -> None:
         info = asdict(result)
         info["examples_per_second"] = result.examples / result.seconds if result.seconds else None

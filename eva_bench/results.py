@@ -26,12 +26,15 @@ from .assets import REPO_ROOT
 SCHEMA = 1
 FINISHED = ("success", "diverged")
 PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core", "minari", "metaworld", "wandb")
+LR_ROW = "lr*"  # the learning rate the tuned protocol selected, shown as a table row
 IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads")  # bookkeeping, not the result
 
 
 def config_hash(config: dict) -> str:
     """Short hash of the settings that determine a run's result (everything but seed and bookkeeping)."""
     relevant = {k: v for k, v in config.items() if k not in IGNORED_FOR_HASH}
+    if (relevant.get("protocol") or {}).get("name", "fixed") == "fixed":  # the default: records from before
+        relevant.pop("protocol", None)  # protocols existed keep their ids
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -150,5 +153,7 @@ def load_records(results_dir: str | Path, experiment: str | None = None) -> pd.D
             continue
         row = {**record["run"], "status": record["status"], "finished_at": record.get("finished_at"), "path": str(path)}
         row.update({f"metric.{k}": v for k, v in (record.get("metrics") or {}).items()})
+        if (record.get("protocol") or {}).get("selected_lr") is not None:  # tuned protocol: the tables' lr* row
+            row[f"metric.{LR_ROW}"] = record["protocol"]["selected_lr"]
         rows.append(row)
     return pd.DataFrame(rows)

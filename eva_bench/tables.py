@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import load_records, read_record
+from .results import LR_ROW, load_records, read_record
 
 KEYS = ["task", "model", "rank", "metric"]
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
@@ -84,12 +84,15 @@ def build_table(agg: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, p
         best = set(shown.index[shown == best_value]) if shown.nunique() > 1 else set()  # all equal: no bold
         row = dict(zip(KEYS, key))
         for m in methods:
-            if m in by_method.index:
-                r = by_method.loc[m]
-                text = cell(r["mean"], r["std"], int(r["n"]), digits)
-                row[m] = f"**{text}**" if m in best else text
-            else:
+            if m not in by_method.index:
                 row[m] = ""
+                continue
+            r = by_method.loc[m]
+            if key[3] == LR_ROW:  # the tuned protocol's chosen lr: one per method and rank (not per seed), unranked
+                row[m] = f"{r['mean']:.2g}"
+                continue
+            text = cell(r["mean"], r["std"], int(r["n"]), digits)
+            row[m] = f"**{text}**" if m in best else text
         eval_name, metric = key[3].split("/", 1) if "/" in key[3] else ("", key[3])
         match = paper[(paper["eval"] == eval_name) & (paper["metric"] == metric)]
         for _, p in match.iterrows():

@@ -3,7 +3,8 @@
     python -m tasks.language.train init=eva lora.r=8 seed=0
     python -m tasks.language.train -m experiment=language_cpu      # a whole table's sweep
 
-Reads top to bottom: skip if done -> seed -> build model and data -> initialize -> train -> evaluate -> record.
+Reads top to bottom: skip if done -> (tuned protocol: choose the lr) -> seed -> build model and data -> initialize
+-> train -> evaluate -> record.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from eva_bench import protocol
 from eva_bench.init import Calibration, initialize
 from eva_bench.recipe import RunContext, build, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
@@ -23,7 +25,13 @@ def run(cfg: DictConfig) -> dict:
     ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name)
     if ctx.finished():
         return ctx.existing()
+    protocol.check(cfg)
+    selection = None
+    if protocol.is_tuned(cfg) and protocol.stage(cfg) == "final":  # selection runs first (recorded, reused)
+        selection = protocol.select_lr(cfg, run)
+        cfg = protocol.with_lr(cfg, selection["selected_lr"])
     with ctx.recording() as record:
+        record.protocol(selection)
         set_threads(cfg.get("threads"))
         seed_everything(cfg.seed)
 
@@ -31,7 +39,8 @@ def run(cfg: DictConfig) -> dict:
         model, tokenizer = build(cfg.model.load)
         model.config.use_cache = False  # training: no KV cache
         pad_id = tokenizer.pad_token_id
-        train_examples = build(cfg.task.train)
+        # a selection run holds out a validation split of the training data; test data never enters selection
+        train_examples, validation = protocol.split(cfg, build(cfg.task.train))
         features = language_data.tokenize(train_examples, tokenizer, cfg.data.max_length)
         batch_size = cfg.data.batch_size
 
@@ -74,8 +83,13 @@ def run(cfg: DictConfig) -> dict:
         if result.status == "diverged":
             return record.finish("diverged")
 
-        # evaluate: every eval of the task config, on held-out test data only
         model.config.use_cache = True
+        if validation:  # a selection run is scored on its validation split only
+            nll = language_eval.answer_nll(model, tokenizer, validation, cfg.data.max_length, cfg.data.eval_batch_size)
+            record.metrics({protocol.VALIDATION_METRIC: nll["nll"], "validation/n": len(validation)})
+            return record.finish("success")
+
+        # evaluate: every eval of the task config, on held-out test data only
         metrics = {}
         for name, spec in cfg.task.evals.items():
             examples = fitting(build(spec.data), tokenizer, model, spec, cfg.data.max_length)

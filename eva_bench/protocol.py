@@ -1,0 +1,111 @@
+"""Learning-rate protocols: how a method's learning rate is chosen before its seeds are run and tested.
+
+- ``fixed`` (no ``protocol`` key, or ``name: fixed``): every method trains at the one shared ``optim.lr``. The
+  EVA paper's main tables, and the CPU defaults.
+- ``tuned``: per method x rank, a *selection run* trains at each learning rate of ``lr_grid`` on the training
+  split minus a seeded validation split of ``validation_size`` examples, and is scored on that validation split
+  only (answer NLL: lower is better); the lr with the best score is then run over the seeds on the whole training
+  split and evaluated on test. Test data never reaches selection. The EVA paper grid-searched lr per method
+  (arXiv 2410.07170v5, App. B: language around 5e-4; VTAB {2.5e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4} on train800/val200).
+
+Selection runs are ordinary recipe runs with ``protocol.stage = validation``, recorded (and skipped when finished)
+under ``<experiment>/lr_search/``: every seed of a method x rank reuses them, and a killed sweep keeps them. The
+final record holds the whole grid's validation scores and the chosen lr (``protocol`` in the record; the tables'
+``lr*`` row).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+VALIDATION_METRIC = "validation/nll"  # answer NLL per target token on the validation split; lower is better
+
+
+def is_tuned(cfg: DictConfig) -> bool:
+    protocol = cfg.get("protocol")
+    name = protocol.get("name", "fixed") if protocol else "fixed"
+    if name not in ("fixed", "tuned"):
+        raise ValueError(f"unknown protocol {name!r}; valid: fixed, tuned")
+    return name == "tuned"
+
+
+def stage(cfg: DictConfig) -> str:
+    """``final`` (the run that is tested) or ``validation`` (a selection run)."""
+    return cfg.protocol.get("stage", "final") if is_tuned(cfg) else "final"
+
+
+def check(cfg: DictConfig, train_size: int | None = None) -> None:
+    """Bad protocol settings fail before any training."""
+    if not is_tuned(cfg):
+        return
+    grid = list(cfg.protocol.lr_grid or [])
+    if not grid or any(not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr) for lr in grid):
+        raise ValueError(f"protocol.lr_grid must be a non-empty list of positive learning rates (got {grid})")
+    size = cfg.protocol.validation_size
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"protocol.validation_size must be a positive number of examples (got {size})")
+    if train_size is not None and size >= train_size:
+        raise ValueError(
+            f"protocol.validation_size={size} leaves no training data: the training split has {train_size} examples"
+        )
+
+
+def split(cfg: DictConfig, examples: Sequence[Any]) -> tuple[list, list]:
+    """(train, validation): a selection run holds out ``validation_size`` seeded examples; a final run trains on all."""
+    check(cfg, len(examples))
+    if stage(cfg) != "validation":
+        return list(examples), []
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.protocol.split_seed)).tolist()
+    held = set(order[: cfg.protocol.validation_size])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    validation = [examples[i] for i in sorted(held)]
+    return train, validation
+
+
+def selection_config(cfg: DictConfig, lr: float) -> DictConfig:
+    """The selection run of ``cfg``'s method x rank at ``lr``."""
+    sel = cfg.copy()
+    with open_dict(sel):
+        sel.protocol.stage = "validation"
+        sel.optim.lr = float(lr)
+        sel.seed = cfg.protocol.selection_seed
+        sel.experiment_name = f"{cfg.experiment_name}/lr_search"
+        sel.force = False  # force reruns the final run, not a finished selection
+    return sel
+
+
+def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict:
+    """Run (or reuse) the selection runs of ``cfg``'s method x rank; the grid's scores and the chosen lr.
+
+    A diverged selection run scores +inf; if every lr diverged there is nothing to choose and that is an error.
+    """
+    scores = {}
+    for lr in cfg.protocol.lr_grid:
+        record = run(selection_config(cfg, lr))
+        value = record.get("metrics", {}).get(VALIDATION_METRIC) if record.get("status") == "success" else None
+        scores[float(lr)] = math.inf if value is None or not math.isfinite(value) else float(value)
+    best = min(scores, key=lambda lr: (scores[lr], lr))  # ties: the smaller lr
+    if math.isinf(scores[best]):
+        raise RuntimeError(f"protocol tuned: every learning rate of {sorted(scores)} diverged in selection")
+    return {
+        "name": "tuned",
+        "metric": VALIDATION_METRIC,
+        "validation_size": cfg.protocol.validation_size,
+        "grid": {str(lr): (None if math.isinf(v) else v) for lr, v in scores.items()},
+        "selected_lr": best,
+    }
+
+
+def with_lr(cfg: DictConfig, lr: float) -> DictConfig:
+    out = cfg.copy()
+    with open_dict(out):
+        out.optim.lr = float(lr)
+    return out
+
+
+__all__ = ["VALIDATION_METRIC", "check", "is_tuned", "select_lr", "selection_config", "split", "stage", "with_lr"]
