@@ -17,6 +17,7 @@ final record holds the whole grid's validation scores and the chosen lr (``proto
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,7 +45,8 @@ def check(cfg: DictConfig, train_size: int | None = None) -> None:
     if not is_tuned(cfg):
         return
     grid = list(cfg.protocol.lr_grid or [])
-    if not grid or any(not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr) for lr in grid):
+    bad = any(not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr) for lr in grid)
+    if stage(cfg) == "final" and (not grid or bad):  # a selection run has no grid: it runs at its own optim.lr
         raise ValueError(f"protocol.lr_grid must be a non-empty list of positive learning rates (got {grid})")
     size = cfg.protocol.validation_size
     if not isinstance(size, int) or size < 1:
@@ -68,10 +70,12 @@ def split(cfg: DictConfig, examples: Sequence[Any]) -> tuple[list, list]:
 
 
 def selection_config(cfg: DictConfig, lr: float) -> DictConfig:
-    """The selection run of ``cfg``'s method x rank at ``lr``."""
+    """The selection run of ``cfg``'s method x rank at ``lr``. Its config (and so its record id) holds its own lr but
+    not the grid: widening the grid reuses the selection runs already done."""
     sel = cfg.copy()
     with open_dict(sel):
         sel.protocol.stage = "validation"
+        sel.protocol.lr_grid = None
         sel.optim.lr = float(lr)
         sel.seed = cfg.protocol.selection_seed
         sel.experiment_name = f"{cfg.experiment_name}/lr_search"
@@ -92,12 +96,17 @@ def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict:
     best = min(scores, key=lambda lr: (scores[lr], lr))  # ties: the smaller lr
     if math.isinf(scores[best]):
         raise RuntimeError(f"protocol tuned: every learning rate of {sorted(scores)} diverged in selection")
+    at_edge = len(scores) > 1 and best in (min(scores), max(scores))
+    if at_edge:
+        warnings.warn(f"protocol tuned: the chosen lr {best:g} is at the edge of the grid {sorted(scores)}; the best "
+                      "lr may lie outside it (widen protocol.lr_grid)", stacklevel=2)
     return {
         "name": "tuned",
         "metric": VALIDATION_METRIC,
         "validation_size": cfg.protocol.validation_size,
         "grid": {str(lr): (None if math.isinf(v) else v) for lr, v in scores.items()},
         "selected_lr": best,
+        "at_grid_edge": at_edge,  # the optimum may lie outside the grid
     }
 
 

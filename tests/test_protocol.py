@@ -41,6 +41,16 @@ def test_later_seeds_reuse_the_selection(tmp_path, capsys):
     assert len(list(tmp_path.glob("tuned/lr_search/*.json"))) == 2
 
 
+def test_widening_the_grid_reuses_done_selection_runs_and_flags_an_edge(tmp_path, capsys):
+    run(compose_run(tmp_path, *TUNED, "protocol.lr_grid=[5e-3]", "experiment_name=tuned"))
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="at the edge of the grid"):
+        record = run(compose_run(tmp_path, *TUNED, "protocol.lr_grid=[5e-3,1e-3]", "experiment_name=tuned"))
+    assert capsys.readouterr().out.count("skip (finished record exists)") == 1  # lr 5e-3's selection, reused
+    assert len(list(tmp_path.glob("tuned/lr_search/*.json"))) == 2
+    assert record["protocol"]["at_grid_edge"] is True  # a 2-point grid: the choice is always an edge
+
+
 def test_tables_show_the_chosen_lr(tmp_path):
     for seed in (0, 1):
         run(compose_run(tmp_path, *TUNED, "protocol.lr_grid=[5e-3,1e-2]", "experiment_name=tuned", f"seed={seed}"))
