@@ -23,7 +23,7 @@ def test_tuned_picks_the_lr_that_does_not_diverge_and_records_the_grid(tmp_path)
     assert chosen["selected_lr"] == 5e-3 and record["config"]["optim"]["lr"] == 5e-3
     assert chosen["grid"]["1e+30"] is None and chosen["grid"]["0.005"] > 0
     selection = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("tuned/lr_search/*.json"))]
-    assert len(selection) == 2  # 1e30 ends diverged or with a non-finite validation NLL: either scores +inf
+    assert sorted(r["status"] for r in selection) == ["diverged", "success"]  # 1e30: NaN loss or NaN validation NLL
     for r in selection:  # selection is scored on held-out training examples only: no test metric exists
         assert all(k.startswith("validation/") for k in r["metrics"])
         assert r["config"]["protocol"]["stage"] == "validation" and r["run"]["seed"] == 0

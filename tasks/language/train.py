@@ -9,6 +9,8 @@ Reads top to bottom: skip if done -> (tuned protocol: choose the lr) -> seed -> 
 
 from __future__ import annotations
 
+import math
+
 import hydra
 import torch
 from omegaconf import DictConfig
@@ -87,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
         if validation:  # a selection run is scored on its validation split only
             nll = language_eval.answer_nll(model, tokenizer, validation, cfg.data.max_length, cfg.data.eval_batch_size)
             record.metrics({protocol.VALIDATION_METRIC: nll["nll"], "validation/n": len(validation)})
-            return record.finish("success")
+            return record.finish("success" if math.isfinite(nll["nll"]) else "diverged")  # NaN weights: no score
 
         # evaluate: every eval of the task config, on held-out test data only
         metrics = {}
