@@ -16,9 +16,12 @@ final record holds the whole grid's validation scores and the chosen lr (``proto
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,16 +86,19 @@ def selection_config(cfg: DictConfig, lr: float) -> DictConfig:
     return sel
 
 
-def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict:
+def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | None = None) -> dict:
     """Run (or reuse) the selection runs of ``cfg``'s method x rank; the grid's scores and the chosen lr.
 
+    ``lock``: a file shared by every seed of this method x rank (``lock_path``): a run that finds another one
+    selecting waits, then reuses its records instead of training the same selection runs at the same time.
     A diverged selection run scores +inf; if every lr diverged there is nothing to choose and that is an error.
     """
     scores = {}
-    for lr in cfg.protocol.lr_grid:
-        record = run(selection_config(cfg, lr))
-        value = record.get("metrics", {}).get(VALIDATION_METRIC) if record.get("status") == "success" else None
-        scores[float(lr)] = math.inf if value is None or not math.isfinite(value) else float(value)
+    with _exclusive(lock) if lock is not None else contextlib.nullcontext():
+        for lr in cfg.protocol.lr_grid:
+            record = run(selection_config(cfg, lr))
+            value = record.get("metrics", {}).get(VALIDATION_METRIC) if record.get("status") == "success" else None
+            scores[float(lr)] = math.inf if value is None or not math.isfinite(value) else float(value)
     best = min(scores, key=lambda lr: (scores[lr], lr))  # ties: the smaller lr
     if math.isinf(scores[best]):
         raise RuntimeError(f"protocol tuned: every learning rate of {sorted(scores)} diverged in selection")
@@ -110,6 +116,25 @@ def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict:
     }
 
 
+def lock_path(record_path: Path, run: dict) -> Path:
+    """The selection lock of a final run's method x rank: its record id without the seed, under lr_search/."""
+    name = f"{run['task']}--{run['model']}--{run['init']}--r{run['rank']}--{run['config_hash']}.lock"
+    return Path(record_path).parent / "lr_search" / name
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive advisory lock on ``path`` (created if missing), released when the block ends or the process
+    dies (a killed sweep leaves no stale lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def with_lr(cfg: DictConfig, lr: float) -> DictConfig:
     out = cfg.copy()
     with open_dict(out):
@@ -117,4 +142,6 @@ def with_lr(cfg: DictConfig, lr: float) -> DictConfig:
     return out
 
 
-__all__ = ["VALIDATION_METRIC", "check", "is_tuned", "select_lr", "selection_config", "split", "stage", "with_lr"]
+__all__ = [
+    "VALIDATION_METRIC", "check", "is_tuned", "lock_path", "select_lr", "selection_config", "split", "stage", "with_lr",
+]

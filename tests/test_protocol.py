@@ -61,6 +61,33 @@ def test_tables_show_the_chosen_lr(tmp_path):
     assert "Runs: 2 (2 success)" in text  # the selection records (lr_search/) are not runs of the table
 
 
+def test_concurrent_runs_of_one_method_and_rank_select_one_after_the_other(tmp_path):
+    """Two seeds started together: the second waits on the lock, then reuses (here: is handed) the first's records."""
+    import threading
+    import time as _time
+
+    cfg = OmegaConf.create({"protocol": {"name": "tuned", "stage": "final", "lr_grid": [1e-3, 2e-3],
+                                         "validation_size": 4, "selection_seed": 0},
+                            "optim": {"lr": 5e-3}, "seed": 0, "experiment_name": "e", "force": False})
+    events = []
+
+    def fake_run(sel):
+        events.append(("start", threading.current_thread().name))
+        _time.sleep(0.05)  # long enough for the other thread to reach the lock
+        events.append(("end", threading.current_thread().name))
+        return {"status": "success", "metrics": {protocol.VALIDATION_METRIC: sel.optim.lr}}
+
+    lock = tmp_path / "lr_search" / "x.lock"
+    threads = [threading.Thread(target=protocol.select_lr, args=(cfg, fake_run, lock), name=n) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    owners = [name for _, name in events]
+    first = owners[0]
+    assert owners == [first] * 4 + [("b" if first == "a" else "a")] * 4  # no interleaving: one selection at a time
+
+
 def test_split_holds_out_training_examples_only():
     cfg = OmegaConf.create({"protocol": {"name": "tuned", "stage": "validation", "lr_grid": [1e-3],
                                          "validation_size": 5, "split_seed": 0}})

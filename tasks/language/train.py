@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> dict:
     protocol.check(cfg)
     selection = None
     if protocol.is_tuned(cfg) and protocol.stage(cfg) == "final":  # selection runs first (recorded, reused)
-        selection = protocol.select_lr(cfg, run)
+        selection = protocol.select_lr(cfg, run, lock=protocol.lock_path(ctx.path, ctx.run))
         cfg = protocol.with_lr(cfg, selection["selected_lr"])
     with ctx.recording() as record:
         record.protocol(selection)
