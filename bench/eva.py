@@ -1,6 +1,6 @@
 """EVA's cost: eva_bench's ``eva`` and PEFT's (``eva_peft``) against the plain forward passes they consume.
 
-    .venv/bin/python -m bench.eva                 # both configurations, 3 interleaved repeats (~10 min on 2 cores)
+    .venv/bin/python -m bench.eva                 # both configurations, 3 interleaved repeats (~2 min on 2 cores)
     .venv/bin/python -m bench.eva --repeats 1 --only vit
 
 EVA's floor is the forward passes over the calibration batches it consumes (Paischer et al., arXiv 2410.07170v5

@@ -1,7 +1,7 @@
 """Every registered init method's cost: seconds and peak memory, against one training step and against the forward
 passes over the calibration batches it consumed.
 
-    .venv/bin/python -m bench.init                      # both configurations, every method (~3 min on 2 cores)
+    .venv/bin/python -m bench.init                      # both configurations, every method (~5 min on 2 cores)
     .venv/bin/python -m bench.init --only vit --methods eva,eva_peft,lora_da
 
 Each (configuration, method) runs in a fresh process, so its peak resident memory is its own: the process builds the
@@ -33,19 +33,22 @@ import warnings
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from bench import machine
 from bench.eva import FAST, RESULTS_DIR, stories260k_setup, vit_setup
 from eva_bench.init import INITS, initialize
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "init"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 SETUPS = {"vit": lambda: vit_setup(16), "stories260k": stories260k_setup}
 
 
 def method_params(method: str) -> dict:
-    """The suite's parameters for ``method`` (conf/init/<method>.yaml), EVA's cache off: a benchmark times work."""
-    params = OmegaConf.to_container(OmegaConf.load(CONF / f"{method}.yaml")).get("params") or {}
+    """The suite's parameters for ``method`` as a run composes them (conf/init/<method>.yaml and the files it builds
+    on, e.g. the controls on eva.yaml), EVA's cache off: a benchmark times work."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        params = OmegaConf.to_container(compose(config_name="language", overrides=[f"init={method}"]).init.params)
     if "cache" in params:
         params["cache"] = False
     return params

@@ -382,9 +382,10 @@ class _Stats:
       computes: 2 (niter + 1) products of n x d by d x 2k instead of one of n x d by d x d. The kept rows are dropped
       at the update; if they would exceed _STASH_BYTES in one forward (a 7B model), the update runs in the hook.
     The flop ratio favours the rows path from d > 20 k, but its ~30 thin operations per update are latency-bound on
-    CPUs: measured per group and batch at k = 8, n = 2080 on 2 cores, gram vs rows 1.9 vs 4.2 ms (d = 192), 4.8 vs
-    7.3 ms (384), 15.0 vs 12.5 ms (768); hence 64 k. Groups of one width are updated together, batched (one call per
-    operation instead of one per group). Without ``truncate`` (``exact_pca``) S is the exact scatter of every row seen,
+    CPUs. The 64 k threshold comes from per-group timings (k = 8, n = 2080, 2 cores) of an earlier version whose
+    updates ran single-threaded and stacked the rows: gram vs rows 1.9 vs 4.2 ms (d = 192), 4.8 vs 7.3 ms (384),
+    15.0 vs 12.5 ms (768); not remeasured since. Gram-path groups of one width are updated together, batched (one
+    call per operation instead of one per group); rows-path groups one by one (``_RowsBatch``). Without ``truncate`` (``exact_pca``) S is the exact scatter of every row seen,
     kept whole (gram path) and solved by ``eigh``. The explained-variance ratios divide by the exact total variance
     in every case, as PEFT does.
     """
@@ -530,8 +531,8 @@ def _merge(sts: list[_Stats], d: int, k: int, batch, lowrank: bool) -> None:
 def _update_states(groups: list[_Group], stats: dict[int, _Stats], k: int) -> list[_State | None]:
     """Bring every group that received rows up to date; the new state of each group (None: no rows this batch).
 
-    Groups of one input width (and path) are merged together, batched: one call per operation instead of one per
-    group (at these sizes the per-call overhead, not the arithmetic, is the cost). The states are taken together too.
+    Groups of one input width (and path) are merged together: one call per operation instead of one per group for
+    the gram path (at these sizes the per-call overhead, not the arithmetic, is the cost). States are taken together.
     """
     pending: dict[tuple, list[_Stats]] = {}
     for g in groups:
