@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Fashion-MNIST (the vision CPU default's pretraining data) comes from Debian's package, installed on first use
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # offline by default: every accidental hub call would otherwise hang ~30 s; W&B logs offline without a key
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -14,18 +16,23 @@ ARGS ?=
 
 .PHONY: install test test-slow reproduce-language tables bench generate clean
 
-install: $(STAMP)
+install: $(STAMP) $(FASHION_MNIST)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(FASHION_MNIST):
+	@test -e $(EVA_BENCH_DATA)/fashion-mnist/train-images-idx3-ubyte.gz && exit 0; \
+	command -v apt-get >/dev/null || { echo "Fashion-MNIST: install Debian's dataset-fashion-mnist, or put its idx files under \$$EVA_BENCH_DATA/fashion-mnist"; exit 1; }; \
+	(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null
+
 # one torch thread per test process: the tests use tiny models, where extra threads only add contention
-test: $(STAMP)
+test: $(STAMP) $(FASHION_MNIST)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(FASHION_MNIST)
 	$(PY) -m pytest -q -m slow
 
 # The language table sweep (CPU default: stories260K, ~20 min on 2 cores), then its tables. A rerun skips finished

@@ -17,7 +17,6 @@ final record holds the whole grid's validation scores and the chosen lr (``proto
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, open_dict
+
+from .locks import exclusive
 
 VALIDATION_METRIC = "validation/nll"  # answer NLL per target token on the validation split; lower is better
 
@@ -94,7 +95,7 @@ def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | N
     A diverged selection run scores +inf; if every lr diverged there is nothing to choose and that is an error.
     """
     scores = {}
-    with _exclusive(lock) if lock is not None else contextlib.nullcontext():
+    with exclusive(lock) if lock is not None else contextlib.nullcontext():
         for lr in cfg.protocol.lr_grid:
             record = run(selection_config(cfg, lr))
             value = record.get("metrics", {}).get(VALIDATION_METRIC) if record.get("status") == "success" else None
@@ -120,19 +121,6 @@ def lock_path(record_path: Path, run: dict) -> Path:
     """The selection lock of a final run's method x rank: its record id without the seed, under lr_search/."""
     name = f"{run['task']}--{run['model']}--{run['init']}--r{run['rank']}--{run['config_hash']}.lock"
     return Path(record_path).parent / "lr_search" / name
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path):
-    """An exclusive advisory lock on ``path`` (created if missing), released when the block ends or the process
-    dies (a killed sweep leaves no stale lock)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def with_lr(cfg: DictConfig, lr: float) -> DictConfig:
