@@ -1,0 +1,114 @@
+"""The RL recipe: LoRA fine-tuning of a pretrained decision transformer on a held-out Meta-World task, one record.
+
+    python -m tasks.rl.train init=eva lora.r=8 seed=0 task.finetune=hammer-v3
+    python -m tasks.rl.train -m experiment=rl_cpu      # the CPU default's sweep
+
+Reads top to bottom: skip if done -> seed -> build (the pretrained DT, cached; the task's expert data) -> initialize
+-> train -> evaluate by rollouts -> record. The pretrained checkpoint is built by the first run that needs it
+(tasks/rl/pretrain.py) and shared by every method, rank and seed.
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from eva_bench import protocol
+from eva_bench.init import Calibration, initialize
+from eva_bench.recipe import RunContext, seed_everything, set_threads
+from eva_bench.train import OptimConfig, fit
+from tasks.rl import data as rl_data
+from tasks.rl import envs, models
+from tasks.rl.evaluate import rollout
+from tasks.rl.pretrain import expert_spec, pretrained, random_batches
+from tasks.rl.sequences import SequenceDataset
+
+
+def run(cfg: DictConfig) -> dict:
+    check(cfg)
+    ctx = RunContext.from_config(cfg, task=cfg.task.finetune, model=cfg.model.name)
+    if ctx.finished():
+        return ctx.existing()
+    with ctx.recording() as record:
+        set_threads(cfg.get("threads"))
+
+        # build: the pretrained DT (cached by config hash) and the held-out task's expert data in its input convention
+        model, meta = pretrained(cfg)
+        seed_everything(cfg.seed)
+        task = cfg.task.finetune
+        spec = expert_spec(cfg, task)
+        episodes = rl_data.load_episodes(rl_data.dataset(spec), envs.make(task, spec.max_episode_steps))
+        windows = SequenceDataset(episodes, cfg.model.context, cfg.task.return_scale, normalizer=meta["normalizer"])
+        target_return = max(float(ep.rewards.sum()) for ep in episodes)  # condition rollouts on the data's best
+
+        # initialize: the same seeded calibration windows for every data-driven method
+        draw = torch.Generator().manual_seed(10_007 + cfg.seed)
+        calibration = Calibration(
+            batches=[windows.batch(torch.randint(len(windows), (cfg.calibration.batch_size,), generator=draw).tolist())
+                     for _ in range(cfg.calibration.batches)],
+            forward=models.forward,
+            loss=models.action_loss,
+            rows=models.token_rows,  # real timesteps' return, state and action tokens (padding masked)
+            loss_rows=models.token_rows,
+            dataset_size=len(windows),
+        )
+        model, report = initialize(
+            model,
+            cfg.init.name,
+            rank=cfg.lora.r,
+            alpha=cfg.lora.alpha,
+            target_modules=cfg.lora.target_modules,
+            calibration=calibration,
+            lora={"lora_dropout": cfg.lora.dropout, "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora},
+            **cfg.init.params,
+        )
+        record.init(report)
+
+        # train: the shared loop on windows drawn with replacement, seeded by (seed, epoch)
+        result = fit(
+            model,
+            random_batches(windows, cfg.data.batch_size, cfg.data.steps, cfg.seed),
+            models.action_loss,
+            OptimConfig(**cfg.optim),
+            steps_per_epoch=cfg.data.steps,
+            batch_size=lambda b: len(b["states"]),
+            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+        )
+        record.train(result)
+        if result.status == "diverged":
+            return record.finish("diverged")
+
+        # evaluate: rollouts in the task's environment, on goal variations seeded apart from the data's
+        out = rollout(model, task, normalizer=meta["normalizer"], context=cfg.model.context,
+                      return_scale=cfg.task.return_scale, target_return=target_return,
+                      episodes=cfg.task.eval_episodes, max_episode_steps=spec.max_episode_steps, seed=cfg.seed)
+        record.metrics({
+            "rollout/success_rate": out["success_rate"], "rollout/return": out["return"],
+            "rollout/n": out["episodes"], "rollout/errors": out["errors"],
+            "pretrain/success_rate": meta["success_rate"],  # the pretrained policy on its own (MT) tasks
+        })
+        record.body["rollout_errors"] = out["error_messages"]
+        record.body["pretrain"] = {k: v for k, v in meta.items() if k not in ("normalizer", "state_mean", "state_std")}
+        return record.finish("success")
+
+
+def check(cfg: DictConfig) -> None:
+    """RL options only: a language model or task in an RL run (or the reverse) fails before any work."""
+    for group in ("model", "task"):
+        if cfg[group].get("domain") != "rl":
+            raise ValueError(
+                f"{group}={cfg[group].get('name')!r} is not an RL option (no `domain: rl`); the RL recipe takes "
+                "model=dt_cpu|dt_paper and an RL task (conf/task/ files with `domain: rl`)"
+            )
+    if protocol.is_tuned(cfg):
+        raise ValueError("the RL recipe runs protocol=fixed only (the tuned protocol scores language NLL)")
+
+
+@hydra.main(config_path="../../conf", config_name="rl", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
