@@ -11,6 +11,8 @@ Each reset picks one of the task's 50 goal variations (Meta-World's MT1 train ta
 
 from __future__ import annotations
 
+import functools
+
 import gymnasium as gym
 import numpy as np
 
@@ -66,8 +68,16 @@ def make_metaworld(task: str, seed: int = 0) -> gym.Env:
     import metaworld
 
     check_task(task)
-    benchmark = metaworld.MT1(task, seed=seed)  # the seed fixes which 50 goal variations the task has
-    return MetaWorldTask(benchmark.train_classes[task](), list(benchmark.train_tasks))
+    return MetaWorldTask(metaworld.ALL_V3_ENVIRONMENTS[task](), goal_variations(task, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def goal_variations(task: str, seed: int) -> tuple:
+    """The task's 50 goal variations (Meta-World's MT1 train tasks; the seed fixes them), built once per process:
+    an evaluation makes one env per episode."""
+    import metaworld
+
+    return tuple(metaworld.MT1(task, seed=seed).train_tasks)
 
 
 def make(task: str, max_episode_steps: int, seed: int = 0) -> gym.Env:
