@@ -34,11 +34,15 @@ def cache_dir() -> Path:
     return path
 
 
-def asset(relpath: str | os.PathLike, how_to_get: str = "") -> Path:
-    """Resolve ``relpath`` under the data root, or raise :class:`MissingAssetError` saying how to provide it."""
+def asset(relpath: str | os.PathLike, how_to_get: str = "", fallbacks: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Resolve ``relpath`` under the data root, else the first existing ``fallbacks`` path (where a system package
+    installs the same files, e.g. Debian's /usr/share/datasets), or raise :class:`MissingAssetError` saying how to
+    provide it."""
     path = Path(relpath)
     if not path.is_absolute():
         path = data_root() / path
+    if not path.exists():
+        path = next((Path(f) for f in fallbacks if Path(f).exists()), path)
     if not path.exists():
         hint = f" {how_to_get}" if how_to_get else ""
         raise MissingAssetError(

@@ -59,7 +59,8 @@ class RunContext:
     path: object  # the record's path
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, *, task: str, model: str) -> RunContext:
+    def from_config(cls, cfg: DictConfig, *, task: str, model: str, **keys) -> RunContext:
+        """``keys``: further run keys tables group by (vision: ``task_group``, to average within VTAB groups)."""
         config = OmegaConf.to_container(cfg, resolve=True)
         run = {
             "experiment": cfg.experiment_name,
@@ -69,6 +70,7 @@ class RunContext:
             "rank": int(cfg.lora.r),
             "seed": int(cfg.seed),
             "config_hash": results.config_hash(config),
+            **keys,
         }
         run_id = results.run_id(task, model, cfg.init.name, cfg.lora.r, cfg.seed, config)
         return cls(config=config, run=run, path=results.record_path(cfg.results_dir, cfg.experiment_name, run_id))

@@ -50,6 +50,24 @@ def long_format(records: pd.DataFrame) -> pd.DataFrame:
     return long
 
 
+def group_means(long: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """Per seed, the mean over the tasks of each task group and over all tasks (VTAB's natural / specialized /
+    structured and overall averages), as rows of task ``mean: <group>`` / ``mean: all``. A seed that lacks one of
+    the group's tasks is left out of that mean, so every mean averages the same tasks. Empty without task groups."""
+    if "task_group" not in records or records["task_group"].isna().all():
+        return long.iloc[0:0]
+    group_of = records.dropna(subset=["task_group"]).drop_duplicates("task").set_index("task")["task_group"]
+    long = long[long["task"].isin(group_of.index)].assign(group=lambda d: d["task"].map(group_of))
+    parts = [(f"mean: {g}", long[long["group"] == g]) for g in sorted(group_of.unique())] + [("mean: all", long)]
+    out = []
+    for label, part in parts:
+        per_seed = part.groupby(["model", "method", "rank", "seed", "metric"]).agg(
+            value=("value", "mean"), tasks=("task", "nunique")).reset_index()
+        per_seed = per_seed[per_seed["tasks"] == part["task"].nunique()]
+        out.append(per_seed.drop(columns="tasks").assign(task=label))
+    return pd.concat(out, ignore_index=True)
+
+
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
     grouped = long.groupby([*KEYS, "method"])["value"]
     return grouped.agg(mean="mean", std="std", n="count").reset_index()
@@ -95,6 +113,8 @@ def build_table(agg: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, p
             row[m] = f"**{text}**" if m in best else text
         eval_name, metric = key[3].split("/", 1) if "/" in key[3] else ("", key[3])
         match = paper[(paper["eval"] == eval_name) & (paper["metric"] == metric)]
+        if "task" in paper:  # per-task published numbers (vision: the VTAB averages are rows of their own)
+            match = match[match["task"] == key[0]]
         for _, p in match.iterrows():
             row[f"{p['method']} (paper)"] = f"{p['value']:.1f}"
         rows.append(row)
@@ -108,9 +128,19 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     if records.empty:
         warnings.warn(f"no records for experiment {experiment!r} under {results_dir}")
         return None
-    agg = aggregate(long_format(records))
+    long = long_format(records)
+    means = group_means(long, records)
+    agg = aggregate(long)
     paper, paper_source = paper_numbers(records)
     table, _ = build_table(agg, paper)
+    sections = [table.to_markdown(index=False)]
+    if len(means):  # the task-group averages get a table of their own below the per-task one
+        agg_means = aggregate(means)
+        means_table, _ = build_table(agg_means, paper)
+        sections.append("Task-group averages (per seed, the mean over the group's tasks; then mean ± std over seeds):"
+                        "\n\n" + means_table.to_markdown(index=False))
+        agg = pd.concat([agg, agg_means], ignore_index=True)
+        table = pd.concat([table, means_table], ignore_index=True).fillna("")
     status = records["status"].value_counts().to_dict()
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,12 +158,13 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     if len(bad):
         listed = ", ".join(f"{Path(p).stem} ({s})" for p, s in zip(bad["path"], bad["status"]))
         notes.append(f"Not in the means: {listed}.")
-    stem.with_suffix(".md").write_text("\n".join(notes) + "\n\n" + table.to_markdown(index=False) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(notes) + "\n\n" + "\n\n".join(sections) + "\n")
+    on = ["task", "metric", "method"] if "task" in paper else ["metric", "method"]
     agg_out = agg.merge(
-        paper.rename(columns={"value": "paper"})[["eval", "metric", "method", "paper"]].assign(
+        paper.rename(columns={"value": "paper"})[[*on[:-2], "eval", "metric", "method", "paper"]].assign(
             metric=lambda d: d["eval"] + "/" + d["metric"]
         ).drop(columns="eval"),
-        on=["metric", "method"],
+        on=on,
         how="left",
     )
     agg_out.round(6).to_csv(stem.with_suffix(".csv"), index=False)

@@ -14,9 +14,18 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml")
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 
 
-def compose_language(overrides=()):
+def compose_language(overrides=(), primary="language"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="language", overrides=list(overrides), return_hydra_config=True)
+        return compose(config_name=primary, overrides=list(overrides), return_hydra_config=True)
+
+
+def primary_of(experiment: str) -> str:
+    """The primary config an experiment belongs to, by its name (vision_*, paper_vtab_*, rl_*, paper_rl_*)."""
+    if experiment.startswith(("vision_", "paper_vtab_")):
+        return "vision"
+    if experiment.startswith(("rl_", "paper_rl_")):
+        return "rl"
+    return "language"
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
@@ -50,15 +59,16 @@ def sweep_points(cfg):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_and_its_sweep_composes(experiment):
-    cfg = compose_language([f"experiment={experiment}"])
+    primary = primary_of(experiment)
+    cfg = compose_language([f"experiment={experiment}"], primary)
     assert cfg.experiment_name == experiment  # names line up: conf/experiment/X -> results/X
     for point in sweep_points(cfg):
-        composed = compose_language([f"experiment={experiment}", *point])
+        composed = compose_language([f"experiment={experiment}", *point], primary)
         assert composed.init.name in INITS
         assert composed.lora.r >= 1
 
 
-PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
+PAPER = [e for e in EXPERIMENTS if e.startswith("paper_") and primary_of(e) == "language"]
 
 
 @pytest.mark.parametrize("experiment", PAPER)

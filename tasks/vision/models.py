@@ -1,0 +1,196 @@
+"""Backbones for the vision task: timm ViTs with a fresh linear head on the class token.
+
+- ``pretrained_tiny_vit``: the CPU default. No pretrained ViT can be had offline, so eva_bench pretrains its own
+  (timm's ``VisionTransformer``, 28x28 grayscale input, patch 4) on Fashion-MNIST's 60k training images, once. The
+  weights are cached under ``<cache>/backbones/<name>-<config hash>/`` with their SHA-256 and the recorded test
+  accuracy; a cached file whose hash does not match is rebuilt, never used, and concurrent runs build it once (a lock).
+- ``from_timm_hub``: paper scale (DINOv2 ViT-g/14, ViT-B/16) with pretrained weights from the hub.
+
+Both return a :class:`Backbone`: the model plus how images must be prepared for it (size, channels, normalisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eva_bench.assets import cache_dir, require_hub
+from eva_bench.locks import exclusive
+from eva_bench.train import OptimConfig, fit
+from tasks.vision import data as vision_data
+
+CACHE_VERSION = 1  # bump when the pretraining code changes what a cached backbone contains
+
+
+@dataclass
+class Backbone:
+    model: nn.Module  # a timm VisionTransformer (its head is replaced per downstream task)
+    image_size: int  # the input side it takes
+    in_chans: int  # input channels it takes
+    mean: tuple[float, ...]  # per-channel normalisation it was pretrained with
+    std: tuple[float, ...]
+    resize: bool = False  # resize task images to image_size (hub backbones); False: a size mismatch is an error
+    info: dict | None = None  # provenance: pretraining accuracy, cache path, hub id
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Task images (N, C, H, W) in [0, 1] -> the backbone's input; a size/channel mismatch is a clear error."""
+        if images.shape[1] != self.in_chans:
+            if images.shape[1] == 1 and self.in_chans == 3:
+                images = images.expand(-1, 3, -1, -1)
+            else:
+                raise ValueError(f"images have {images.shape[1]} channels; the backbone takes {self.in_chans}")
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            if not self.resize:
+                raise ValueError(
+                    f"images are {tuple(images.shape[-2:])} but the backbone takes {self.image_size}x"
+                    f"{self.image_size}; use a backbone built for this size or set model.load.resize=true"
+                )
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
+                                   align_corners=False).clamp(0, 1)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+
+def tiny_vit(image_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
+             mlp_ratio: float, num_classes: int) -> nn.Module:
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, embed_dim=embed_dim,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, global_pool="token",  # head on the class token
+    )
+
+
+def pretrained_tiny_vit(name: str, architecture: dict, pretrain: dict, threads: int | None = None) -> Backbone:
+    """The CPU default's backbone, pretrained on Fashion-MNIST train (cached by the hash of this config)."""
+    spec = {"version": CACHE_VERSION, "architecture": dict(architecture), "pretrain": dict(pretrain)}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    folder = cache_dir() / "backbones" / f"{name}-{digest}"
+    with exclusive(folder.with_suffix(".lock")):  # many runs may start together: one builds, the others wait
+        meta = _valid_cache(folder)
+        if meta is None:
+            meta = _pretrain(folder, spec, threads)
+    model = tiny_vit(**architecture, num_classes=10)
+    model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
+    info = {"cache": str(folder), **{k: meta[k] for k in ("fashion_mnist_test_accuracy", "pretrain_seconds")}}
+    return Backbone(model.eval(), architecture["image_size"], architecture["in_chans"], tuple(pretrain["mean"]),
+                    tuple(pretrain["std"]), info=info)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _valid_cache(folder: Path) -> dict | None:
+    """The cached backbone's metadata if its weights are intact; None (with a warning if corrupt) otherwise."""
+    weights, meta_path = folder / "weights.pt", folder / "meta.json"
+    if not (weights.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta["sha256"] == _sha256(weights):
+            return meta
+    except (json.JSONDecodeError, KeyError):
+        pass
+    warnings.warn(f"cached backbone {folder} is corrupt (hash mismatch); rebuilding it", stacklevel=2)
+    return None
+
+
+def _pretrain(folder: Path, spec: dict, threads: int | None) -> dict:
+    """Supervised pretraining on Fashion-MNIST train with the shared loop; test accuracy recorded beside it."""
+    from tqdm import tqdm
+
+    arch, cfg = spec["architecture"], spec["pretrain"]
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(cfg["seed"])
+    model = tiny_vit(**arch, num_classes=10)
+    backbone = Backbone(model, arch["image_size"], arch["in_chans"], tuple(cfg["mean"]), tuple(cfg["std"]))
+    limit = cfg.get("limit") or None  # a slice of train and test (tests: the pretraining smoke)
+    images, labels = vision_data.fashion_mnist("train")
+    images, labels = backbone.prepare(images[:limit]), labels[:limit]  # an architecture it cannot take: error here
+    batch = cfg["batch_size"]
+    steps = len(images) // batch
+
+    def epoch_batches(epoch: int):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
+        for i in range(steps):
+            idx = order[i * batch : (i + 1) * batch]
+            yield {"images": images[idx], "labels": labels[idx]}
+
+    optim = OptimConfig(lr=cfg["lr"], epochs=cfg["epochs"], weight_decay=cfg["weight_decay"],
+                        warmup_ratio=cfg["warmup_ratio"], log_every=10)
+    total = math.ceil(cfg["epochs"] * steps)
+    print(f"pretraining {folder.name} on Fashion-MNIST ({len(images)} images, {cfg['epochs']} epochs, {total} steps)")
+    with tqdm(total=total, unit="step", desc="backbone pretraining", mininterval=5) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        result = fit(model, epoch_batches, classification_loss, optim, steps_per_epoch=steps,
+                     batch_size=lambda b: len(b["labels"]), on_log=progress)
+    if result.status != "success":
+        raise RuntimeError(f"backbone pretraining diverged (lr {cfg['lr']}); lower model.load.pretrain.lr")
+    test_images, test_labels = vision_data.fashion_mnist("test")
+    accuracy = accuracy_and_nll(model, backbone.prepare(test_images[:limit]), test_labels[:limit])["accuracy"]
+    print(f"pretrained backbone: Fashion-MNIST test accuracy {accuracy:.2f} % in {result.seconds:.0f} s")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "weights.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(folder / "weights.pt")
+    meta = {
+        **spec, "sha256": _sha256(folder / "weights.pt"), "fashion_mnist_test_accuracy": accuracy,
+        "pretrain_seconds": result.seconds, "pretrain_final_loss": result.final_loss, "created": time.time(),
+        "images_per_second": result.examples / result.seconds if result.seconds else None,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def from_timm_hub(name: str, image_size: int, revision: str | None = None, resize: bool = True) -> Backbone:
+    """A pretrained timm ViT from the hub (``timm/<name>``), at ``image_size``; offline and not cached: a clear
+    error before any work. ``revision`` pins the hub commit (timm's ``hf_hub_id@revision``)."""
+    hub_id = f"timm/{name}"
+    require_hub(hub_id, revision)
+    overlay = {"hf_hub_id": f"{hub_id}@{revision}" if revision else hub_id}
+    model = timm.create_model(name, pretrained=True, img_size=image_size, pretrained_cfg_overlay=overlay)
+    cfg = model.pretrained_cfg
+    return Backbone(model.eval(), image_size, cfg.get("input_size", (3,))[0], tuple(cfg["mean"]), tuple(cfg["std"]),
+                    resize=resize, info={"hub_id": hub_id, "revision": revision})
+
+
+def architecture_only(name: str, image_size: int) -> nn.Module:
+    """A hub backbone's architecture on the meta device (no weights, no memory): what config checks need."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, img_size=image_size)
+
+
+def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["images"]), batch["labels"])
+
+
+@torch.no_grad()
+def accuracy_and_nll(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
+    """Top-1 accuracy (%) and mean cross-entropy (nats) over prepared images."""
+    was_training = model.training
+    model.eval()
+    correct, nll = 0, 0.0
+    for i in range(0, len(images), batch_size):
+        logits = model(images[i : i + batch_size]).float()
+        target = labels[i : i + batch_size]
+        correct += int((logits.argmax(-1) == target).sum())
+        nll += float(F.cross_entropy(logits, target, reduction="sum"))
+    model.train(was_training)
+    return {"accuracy": 100.0 * correct / len(images), "nll": nll / len(images)}

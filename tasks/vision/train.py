@@ -1,0 +1,150 @@
+"""The vision recipe: LoRA transfer of a pretrained ViT to one VTAB-1K-style task, one init method, one record.
+
+    python -m tasks.vision.train init=eva lora.r=8 seed=0 task.dataset=mnist
+    python -m tasks.vision.train -m experiment=vision_cpu      # every task x method x rank x seed
+
+Reads top to bottom: skip if done -> (tuned protocol: choose the lr) -> seed -> build backbone and task -> new head
+-> initialize -> train -> evaluate -> record.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from eva_bench import protocol
+from eva_bench.init import Calibration, initialize
+from eva_bench.recipe import RunContext, build, seed_everything, set_threads
+from eva_bench.train import OptimConfig, fit
+from tasks.vision.data import task_group
+from tasks.vision.models import accuracy_and_nll, classification_loss
+
+DOMAIN = "vision"
+
+
+def run(cfg: DictConfig) -> dict:
+    check_domain(cfg)
+    ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name, task_group=task_group(cfg.task.name))
+    if ctx.finished():
+        return ctx.existing()
+    protocol.check(cfg)
+    selection = None
+    if protocol.is_tuned(cfg) and protocol.stage(cfg) == "final":  # selection runs first (recorded, reused)
+        selection = protocol.select_lr(cfg, run, lock=protocol.lock_path(ctx.path, ctx.run))
+        cfg = protocol.with_lr(cfg, selection["selected_lr"])
+    with ctx.recording() as record:
+        record.protocol(selection)
+        set_threads(cfg.get("threads"))
+        seed_everything(cfg.seed)
+
+        # build: the pretrained backbone (cached) and the task's images, prepared for it (size, channels, norm)
+        backbone = build(cfg.model.load)
+        task = build(cfg.task.load)
+        train_images, test_images = backbone.prepare(task.train_images), backbone.prepare(task.test_images)
+        model = backbone.model
+        model.reset_classifier(task.num_classes)  # a fresh linear head on the class token, seeded by cfg.seed
+        # VTAB-1K: a selection run trains on 800 and is scored on 200 held-out training images; test never enters
+        train_idx, validation_idx = protocol.split(cfg, list(range(len(train_images))))
+        train_idx = torch.tensor(train_idx)
+        batch_size = cfg.data.batch_size
+        if len(train_idx) < batch_size:
+            raise ValueError(f"{len(train_idx)} training images < data.batch_size {batch_size}")
+
+        # initialize: the same seeded calibration batches for every data-driven method
+        calibration = Calibration(
+            batches=calibration_batches(train_images, task.train_labels, train_idx, cfg.calibration, cfg.seed),
+            forward=lambda m, b: m(b["images"]),
+            loss=classification_loss,
+            rows=lambda b: token_rows(model, b, cfg.calibration.class_token),
+            dataset_size=len(train_idx),
+        )
+        model, report = initialize(
+            model,
+            cfg.init.name,
+            rank=cfg.lora.r,
+            alpha=cfg.lora.alpha,
+            target_modules=_plain(cfg.lora.target_modules),
+            calibration=calibration,
+            lora={
+                "lora_dropout": cfg.lora.dropout, "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora,
+                "bias": cfg.lora.bias, "modules_to_save": _plain(cfg.lora.modules_to_save),
+            },
+            **cfg.init.params,
+        )
+        record.init(report)
+
+        # train: the shared loop; every epoch reshuffles with a generator seeded by (seed, epoch)
+        def epoch_batches(epoch: int):
+            order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))]
+            for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch
+                idx = order[i : i + batch_size]
+                yield {"images": train_images[idx], "labels": task.train_labels[idx]}
+
+        result = fit(
+            model,
+            epoch_batches,
+            classification_loss,
+            OptimConfig(**cfg.optim),
+            steps_per_epoch=len(train_idx) // batch_size,
+            batch_size=lambda b: len(b["labels"]),
+            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+        )
+        record.train(result)
+        if result.status == "diverged":
+            return record.finish("diverged")
+
+        if validation_idx:  # a selection run is scored on its validation split only
+            idx = torch.tensor(validation_idx)
+            scores = accuracy_and_nll(model, train_images[idx], task.train_labels[idx], cfg.data.eval_batch_size)
+            record.metrics({protocol.VALIDATION_METRIC: scores["nll"], "validation/accuracy": scores["accuracy"],
+                            "validation/n": len(idx)})
+            return record.finish("success" if math.isfinite(scores["nll"]) else "diverged")
+
+        # evaluate: the task's test split only
+        scores = accuracy_and_nll(model, test_images, task.test_labels, cfg.data.eval_batch_size)
+        record.metrics({"test/accuracy": scores["accuracy"], "test/nll": scores["nll"], "test/n": len(test_images)})
+        return record.finish("success")
+
+
+def check_domain(cfg: DictConfig) -> None:
+    """A language or RL model/task option composed into the vision recipe is a clear error, not a crash later."""
+    for group in ("model", "task"):
+        domain = cfg[group].get("domain")
+        if domain != DOMAIN:
+            raise ValueError(f"{group}={cfg[group].get('name')!r} is a {domain or 'language'} option; the vision "
+                             f"recipe needs a vision {group} (conf/{group}/ files with `domain: vision`)")
+
+
+def calibration_batches(images, labels, train_idx, cfg, seed: int) -> list[dict]:
+    """``cfg.batches`` batches drawn without replacement from the training split, seeded by ``seed``."""
+    needed = min(cfg.batches * cfg.batch_size, len(train_idx))
+    chosen = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(10_007 + seed))[:needed]]
+    return [{"images": images[chosen[i : i + cfg.batch_size]], "labels": labels[chosen[i : i + cfg.batch_size]]}
+            for i in range(0, len(chosen), cfg.batch_size)]
+
+
+def token_rows(model, batch: dict, class_token: bool) -> torch.Tensor:
+    """Which rows of a block's input count for the data-driven inits: every patch token, and the class (prefix)
+    tokens too when ``class_token`` (EVA, Sec. 3: one row per image patch). Shape (batch, tokens)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tokens = base.patch_embed.num_patches + base.num_prefix_tokens
+    mask = torch.ones(len(batch["images"]), tokens, dtype=torch.bool)
+    if not class_token:
+        mask[:, : base.num_prefix_tokens] = False
+    return mask
+
+
+def _plain(value):
+    return value if value is None or isinstance(value, str) else list(value)
+
+
+@hydra.main(config_path="../../conf", config_name="vision", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
