@@ -17,7 +17,10 @@ ARGS ?=
 # make reproduce-vision [PROTOCOL=tuned] [EXPERIMENT=paper_vtab_dinov2_g14]: the vision CPU default unless named
 VISION_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIMENT),vision_cpu$(if $(filter tuned,$(PROTOCOL)),_tuned))
 
-.PHONY: install test test-slow reproduce-language reproduce-vision tables bench generate clean
+# make reproduce-rl [EXPERIMENT=paper_rl_cw10]: the RL CPU default unless named
+RL_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIMENT),rl_cpu)
+
+.PHONY: install test test-slow reproduce-language reproduce-vision reproduce-rl tables bench generate clean
 
 install: $(STAMP) $(FASHION_MNIST)
 $(STAMP): pyproject.toml
@@ -51,6 +54,12 @@ reproduce-vision: $(STAMP) $(FASHION_MNIST)
 	$(PY) -m tasks.vision.train -m experiment=$(VISION_EXPERIMENT) $(ARGS); status=$$?; \
 	$(PY) -m eva_bench.tables --experiment $(VISION_EXPERIMENT); exit $$status
 
+# The RL sweep (CPU default: Meta-World expert data as Minari datasets, a decision transformer pretrained on 10 tasks,
+# LoRA-fine-tuned on 3 held-out ones); data generation and pretraining happen once, cached, inside the first run.
+reproduce-rl: $(STAMP)
+	$(PY) -m tasks.rl.train -m experiment=$(RL_EXPERIMENT) $(ARGS); status=$$?; \
+	$(PY) -m eva_bench.tables --experiment $(RL_EXPERIMENT); exit $$status
+
 tables: $(STAMP)
 	$(PY) -m eva_bench.tables
 
@@ -58,6 +67,7 @@ bench: $(STAMP)
 	$(PY) -m bench.language
 	$(PY) -m bench.eva
 	$(PY) -m bench.init
+	$(PY) -m bench.rl
 
 generate: $(STAMP)
 	$(PY) -m tasks.language.generate --prompt "Once upon a time"
