@@ -9,14 +9,20 @@
 
 An exception inside ``recording()`` writes a ``failed`` record (with the traceback) and is re-raised, so a single
 run exits non-zero and a Hydra sweep carries on with the next run and reports the failure at the end.
+
+Concurrent jobs (a SLURM array, a requeued job next to its old self): ``finished()`` first takes the record's file
+lock (``<record>.lock``) and holds it until the record is written, so a second job with the same run id waits there,
+then skips the finished record (or reruns a failed one). The lock dies with its process: a killed job blocks nobody.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import random
 import time
 import traceback
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import hydra
@@ -76,18 +82,39 @@ class RunContext:
         return cls(config=config, run=run, path=results.record_path(cfg.results_dir, cfg.experiment_name, run_id))
 
     def finished(self) -> bool:
-        if self.config.get("force"):
-            return False
-        if results.is_finished(self.path):
+        """True when a finished record exists; otherwise this process now holds the record's lock until the record
+        is written (a job running the same record elsewhere is waited for first)."""
+        self._claim()
+        if not self.config.get("force") and results.is_finished(self.path):
             print(f"skip (finished record exists): {self.path}")
+            self._release()
             return True
         return False
+
+    def _claim(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path.with_suffix(".lock"), "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: another job is running {self.path.stem}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        self._lock = handle
+        weakref.finalize(self, handle.close)  # a recipe that fails before recording() still lets the lock go
+
+    def _release(self) -> None:
+        handle, self._lock = getattr(self, "_lock", None), None
+        if handle is not None:
+            handle.close()  # closing the file releases the flock
 
     def existing(self) -> dict:
         return results.read_record(self.path)
 
     @contextlib.contextmanager
     def recording(self):
+        self._claim()  # no-op after finished(); a recipe that never asked still gets the record to itself
         logger = dict(self.config.get("logger") or {})
         kind = logger.pop("kind", "none")
         tracker = make_tracker(kind, group=self.run["experiment"], name=self.path.stem, config=self.config, **logger)
@@ -99,6 +126,8 @@ class RunContext:
         except BaseException as error:
             record.fail(error)
             raise
+        finally:
+            self._release()
 
 
 @dataclass
