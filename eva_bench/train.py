@@ -3,10 +3,22 @@
 AdamW over the trainable parameters, linear warmup then cosine (or constant) schedule, gradient accumulation and
 clipping. A non-finite loss ends the run as ``diverged`` instead of training on garbage. Throughput matters (a
 benchmark runs thousands of these): no host sync per step beyond what clipping needs, loss read back only when logged.
+
+Under ``torchrun`` / ``accelerate launch`` (a process group of more than one rank) the same loop runs data-parallel:
+every rank iterates the same global batches (the task's seeded order), takes its slice (eva_bench/distributed.py:
+``shard``; the world size must divide the batch), and DDP averages the gradients, starting from rank 0's adapters.
+Logged losses are averaged over ranks, so every rank sees the same curve and stops (or diverges) at the same step.
+In one process nothing of this runs: the loop is the plain one.
+
+For 7B models on one GPU: load the model in bf16 (``torch_dtype=torch.bfloat16``), call
+``model.gradient_checkpointing_enable()`` and ``model.enable_input_require_grads()`` before wrapping (PEFT needs the
+latter so checkpointed blocks see a grad-requiring input), and reach the paper's effective batch through
+``grad_accumulation`` (e.g. micro-batch 4 x 8 = 32). README: "Beyond one machine".
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -15,6 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,7 @@ def fit(
         optimizer, lr_lambda(total_steps, round(optim.warmup_ratio * total_steps), optim.schedule)
     )
 
+    trained = _data_parallel(model, params)  # the model itself in one process
     model.train()
     result = FitResult(status="success", optimizer_steps=0, seconds=0.0, examples=0)
     running, running_n, seen = 0.0, 0, 0  # running: a device tensor once a loss arrives
@@ -93,8 +109,10 @@ def fit(
             for batch in batches(epoch):
                 if seen == total_batches:
                     break
-                loss = loss_fn(model, batch)
-                (loss / optim.grad_accumulation).backward()
+                step_ends = (seen + 1) % optim.grad_accumulation == 0 or seen + 1 == total_batches
+                with _synchronized(trained, step_ends):
+                    loss = loss_fn(trained, distributed.shard(batch))
+                    (loss / optim.grad_accumulation).backward()
                 running = running + loss.detach().float()  # stays on device: no sync per step
                 running_n += 1
                 seen += 1
@@ -110,7 +128,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 result.optimizer_steps += 1
                 if result.optimizer_steps % optim.log_every == 0 or seen == total_batches:
-                    mean = float(running / running_n)
+                    mean = float(distributed.sum_tensor(running / running_n)) / distributed.world_size()
                     if not math.isfinite(mean):
                         raise Diverged(f"loss is {mean} at step {result.optimizer_steps}")
                     result.curve.append((result.optimizer_steps, mean))
@@ -128,3 +146,19 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         model.eval()
     return result
+
+
+def _data_parallel(model: nn.Module, params: list[nn.Parameter]) -> nn.Module:
+    """DDP around ``model`` inside a process group (its constructor broadcasts rank 0's parameters); else ``model``."""
+    if not distributed.is_distributed():
+        return model
+    device = params[0].device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _synchronized(trained: nn.Module, step_ends: bool):
+    """Gradient all-reduce only on the micro-batch that ends an optimizer step (DDP's ``no_sync`` on the others:
+    the accumulated sum is the same, with one reduction per step instead of one per micro-batch)."""
+    if isinstance(trained, DistributedDataParallel) and not step_ends:
+        return trained.no_sync()
+    return contextlib.nullcontext()

@@ -63,6 +63,12 @@ have happened: that is a miss, and the statistics are recomputed and stored. Whi
   resume later, which the larger run's entry does not hold - a miss (stories260K, r = 8 then r = 2: a hit).
 So a hit returns what a fresh computation returns, whatever the cache held before (bit for bit in the tests; in
 principle to rounding, as batched products may round differently when a different set of groups shares a batch).
+
+Several processes (``torchrun``; eva_bench/distributed.py). Each rank offers its own calibration batches; at every
+step each hook concatenates the masked input rows of all ranks (rank order) before the update, so every rank runs
+the incremental SVD, convergence and allocation of one process whose batch i is the union of the ranks' batches i,
+and ends with the same components (rank 0's adapters are broadcast at the end). Every rank must supply the same
+number of batches. The cache is off there (its key is one rank's batches, not the union).
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ import torch
 import torch.nn.functional as F
 from peft import EvaConfig, LoraConfig, get_peft_model
 
+from .. import distributed
 from . import cache as stats_cache
 from .calibration import Calibration, select_rows
 
@@ -153,11 +160,13 @@ def eva(
     k = round(lora_config.r * rho)
     budget = lora_config.r * len(targets)
     cap = min(max_batches or len(calibration.batches), len(calibration.batches))
+    distributed.same_everywhere(cap, "eva: the number of calibration batches")
     batches = list(calibration.batches[:cap])
     masks = [calibration.mask(b, loss_only=label_mask) for b in batches]
     run = dict(targets=targets, k=k, budget=budget, tau=tau, cap=cap)
 
     feed, status = None, "off"
+    cache = cache and not distributed.is_distributed()  # a key of one rank's batches would not describe the union
     key = _cache_key(model, batches, masks, targets, label_mask, cap, exact_pca) if cache else None
     if key is not None:
         feed, ranks, used = _replay_from_cache(key, exact_pca, run)
@@ -188,6 +197,7 @@ def eva(
         rho=rho, tau=tau, use_label_mask=label_mask, whiten=whiten, adjust_scaling_factors=adjust_scaling_factors
     )
     peft_model = _wrap(model, lora_config, ranks, rows, adjust_scaling_factors, eva_config)
+    distributed.broadcast_trainable(peft_model)  # bit-identical adapters on every rank (no-op in one process)
     return peft_model, {
         "calibration_batches": used,
         "forward_passes": feed.passes,
@@ -293,7 +303,7 @@ class _Forwards:
 
         def add(group: _Group, layer_input) -> None:
             x = _first(layer_input)
-            rows = select_rows(x, mask).float()
+            rows = distributed.cat_rows(select_rows(x, mask).float())  # every rank's rows (one process: its own)
             offered[id(group)] = offered.get(id(group), 0) + rows.shape[0]
             if rows.shape[0] >= self.k:  # PEFT skips a batch with fewer rows than components (its SVD needs them)
                 may_stash = stashed[0] + rows.nbytes <= _STASH_BYTES

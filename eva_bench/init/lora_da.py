@@ -31,6 +31,12 @@ Choices made here where the paper/code leave room (see shared/docs/methods.md, L
   of per-example gradients and the output gradients per-example ones, as with the code's batches of one;
 - N (``n_train``) defaults to the training-set size the task states (``Calibration.dataset_size``), else to the
   number of distinct calibration examples used (smaller than a real training set, so the variance term weighs more).
+
+Several processes (``torchrun``; eva_bench/distributed.py): each rank offers its own calibration batches; batch i of
+the union is every rank's batch i. Example counts are summed over ranks at every step (so n_g / n_F stop all ranks at
+the same batch), and the gradient sums and K-FAC sums (Z, Y and their row counts) are all-reduced after each pass:
+the factors of one process that saw the union (exactly so when each example carries as many loss rows, since a
+task's loss is a per-batch mean). Every rank then computes the same adapters; rank 0's are broadcast.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import distributed
 from .calibration import Calibration, select_rows
 
 # Below this input dimension the linear algebra runs in float64 (cheap, and Z + 1e-6 I is badly conditioned);
@@ -85,6 +92,7 @@ def lora_da(
                 "A0 takes r eigenvectors of the in x in guidance matrix"
             )
 
+    distributed.same_everywhere(len(calibration.batches), "lora_da: the number of calibration batches")
     stats = _statistics(model, targets, calibration, n_g=n_g, n_F=n_F)
     n = n_train or calibration.dataset_size or stats.distinct_examples
 
@@ -112,6 +120,7 @@ def lora_da(
                     base = layer.get_base_layer().weight
                     base.sub_(layer.get_delta_weight("default").to(base.dtype))
 
+    distributed.broadcast_trainable(peft_model)  # bit-identical adapters on every rank (no-op in one process)
     return peft_model, {
         "calibration_batches": stats.distinct_batches,
         "base_weights_modified": bool(offset_base),
@@ -273,11 +282,13 @@ def _gradient_pass(model, targets, calibration, n_g, stats) -> None:
             for n, g in zip(names, grads):
                 if g is not None:
                     totals[n] += _as_out_in(g, targets[n]).float()
+            b = distributed.sum_int(b)  # the union's examples in this step (one process: b)
             stats.batch_examples[stats.gradient_batches] = b
             stats.gradient_batches += 1
             stats.gradient_examples += b
     finally:
         hooks.close()
+    totals = {n: distributed.sum_tensor(t) for n, t in totals.items()}
     if n_g is not None and stats.gradient_examples < n_g:
         warnings.warn(
             f"lora_da: the calibration holds {stats.gradient_examples} examples, fewer than n_g={n_g}; "
@@ -323,12 +334,17 @@ def _fisher_pass(model, targets, calibration, n_F, stats) -> None:
                 first_groups = groups
             elif groups != first_groups:
                 raise RuntimeError("lora_da: layers shared their inputs differently from one batch to the next")
+            b = distributed.sum_int(b)  # the union's examples in this step (one process: b)
             stats.batch_examples[i] = b
             stats.fisher_batches += 1
             stats.fisher_examples += b
             stats.fisher_reused += int(i < start)
     finally:
         hooks.close()
+    for sums, counts in ((stats.z_sum, stats.z_rows), (stats.y_sum, stats.y_rows)):  # the union's K-FAC sums
+        for name in sums:
+            sums[name] = distributed.sum_tensor(sums[name])
+            counts[name] = distributed.sum_int(counts[name])
     missing = sorted(set(targets) - set(first_groups or {}))
     if missing:
         raise RuntimeError(f"lora_da: the calibration loss never ran these target layers: {', '.join(missing[:8])}")

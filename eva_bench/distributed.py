@@ -1,0 +1,115 @@
+"""Data parallelism across processes (``torchrun`` / ``accelerate launch``): a few helpers, no-ops in one process.
+
+Every helper returns its input untouched unless a ``torch.distributed`` process group is initialized with more than
+one rank, so single-process code paths (and their numbers) never change. The launcher initializes the group; the
+helpers only use it:
+
+    torchrun --nproc_per_node 2 script.py      # script: torch.distributed.init_process_group("gloo" or "nccl")
+
+Conventions: rank 0 is the reference; reductions are sums (callers divide by a summed count, so a rank with fewer
+rows weighs in exactly as in one process seeing every rank's data); tensors are reduced on their own device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over ranks (the tensor itself in one process)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def sum_int(value: int) -> int:
+    """The sum of an integer over ranks."""
+    if not is_distributed():
+        return value
+    return int(sum_tensor(torch.tensor([value], dtype=torch.int64, device=_scalar_device())).item())
+
+
+def same_everywhere(value: int, what: str) -> None:
+    """Raise on every rank (never hang in a later collective) unless all ranks hold the same integer ``value``."""
+    if not is_distributed():
+        return
+    both = torch.tensor([value, -value], dtype=torch.int64, device=_scalar_device())
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if both[0].item() != -both[1].item():
+        raise ValueError(f"{what} differs between ranks (from {-both[1].item()} to {both[0].item()}); every rank "
+                         "must supply the same number")
+
+
+def _scalar_device() -> torch.device:
+    """Where small bookkeeping tensors travel: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def cat_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` (n_rank x d, n may differ) concatenated in rank order: what one process holding all the
+    ranks' data would have. Padded to the longest for the all-gather, then trimmed."""
+    if not is_distributed():
+        return rows
+    counts = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device))
+    counts = [int(c.item()) for c in counts]
+    longest = max(counts)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:n] for g, n in zip(gathered, counts)])
+
+
+def broadcast_trainable(model: nn.Module) -> None:
+    """Copy rank 0's trainable parameters (the adapters) to every rank, so all ranks start bit-identical."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)
+
+
+def shard(batch: Any) -> Any:
+    """This rank's slice of a global batch: every tensor split along its first (example) dimension, through dicts,
+    lists and tuples; anything else is passed through. The world size must divide the batch."""
+    if not is_distributed():
+        return batch
+    if isinstance(batch, torch.Tensor):
+        n, ranks = batch.shape[0], world_size()
+        if n % ranks:
+            raise ValueError(
+                f"a batch of {n} examples cannot be split over {ranks} processes: choose a batch size that the "
+                "world size divides (the per-process batch is batch_size / world_size)"
+            )
+        per = n // ranks
+        return batch[rank() * per : (rank() + 1) * per]
+    if isinstance(batch, dict):
+        return type(batch)({k: shard(v) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(shard(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(shard(v) for v in batch)
+    return batch

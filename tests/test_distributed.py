@@ -1,0 +1,163 @@
+"""Two processes (torchrun, gloo) against one: EVA and LoRA-DA see the union of the ranks' calibration batches, and
+every rank holds the same adapters after init and after DDP training steps.
+
+    torchrun --nproc_per_node 2 tests/test_distributed.py OUT     # the worker half of this file (run by the test)
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WORLD = 2
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def global_batches(n: int = 4, batch: int = 4, length: int = 16) -> list[dict]:
+    """Batches whose every example has the same padding and answer length, so a batch-mean loss is the mean of its
+    ranks' means and LoRA-DA's union is exact (see lora_da.py)."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 64, (batch, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[:, length - 4 :] = 0
+        labels = ids.clone()
+        labels[:, : length // 4] = -100
+        labels[mask == 0] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def rank_slice(batches, rank: int, world: int = WORLD) -> list[dict]:
+    """Rank ``rank``'s different calibration batches: its share of every global batch's examples."""
+    per = len(batches[0]["input_ids"]) // world
+    return [{k: v[rank * per : (rank + 1) * per] for k, v in b.items()} for b in batches]
+
+
+def adapters(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def init_both(batches) -> dict:
+    """EVA components and LoRA-DA factors and adapters on ``batches`` (this process's share, or all of them)."""
+    from eva_bench.init import find_targets, initialize
+    from eva_bench.init.lora_da import _statistics
+    from tests.conftest import lm_calibration, tiny_llama
+
+    calibration = lm_calibration(batches)
+    eva_model, eva_report = initialize(tiny_llama(), "eva", rank=2, alpha=4, target_modules=TARGETS,
+                                       calibration=calibration, cache=False)
+    base = tiny_llama()
+    stats = _statistics(base, find_targets(base, TARGETS), calibration, n_g=None, n_F=None)
+    da_model, _ = initialize(tiny_llama(), "lora_da", rank=2, alpha=4, target_modules=TARGETS,
+                             calibration=calibration, n_g=None, n_F=None)
+    return {
+        "eva": adapters(eva_model), "eva_ranks": eva_report.ranks,
+        "grads": stats.grads, "z": {k: v / stats.z_rows[k] for k, v in stats.z_sum.items()},
+        "y": {k: v / stats.y_rows[k] for k, v in stats.y_sum.items()}, "lora_da": adapters(da_model),
+    }
+
+
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    from eva_bench import distributed
+    from eva_bench.train import OptimConfig, fit
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = distributed.rank()
+    result = init_both(rank_slice(global_batches(), rank))
+
+    # a few DDP steps from the LoRA-DA adapters; every rank iterates the same global batches and takes its slice
+    from eva_bench.init import initialize
+    from tests.conftest import lm_calibration, tiny_llama
+
+    torch.manual_seed(rank)  # each rank draws different random adapters: DDP must start them all from rank 0's
+    model, _ = initialize(tiny_llama(), "random", rank=2, alpha=4, target_modules=TARGETS,
+                          calibration=lm_calibration(global_batches()))
+    with torch.no_grad():  # B = 0 at init; nonzero per-rank values make the broadcast observable in the result
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    train = global_batches(n=3)
+    fit_result = fit(model, lambda epoch: iter(train), lambda m, b: m(**b).loss,
+                     OptimConfig(lr=1e-2, log_every=1, grad_accumulation=1), steps_per_epoch=3)
+    result["trained"] = adapters(model)
+    result["curve"] = fit_result.curve
+
+    try:  # a global batch of 3 cannot be split over 2 ranks: a clear error on every rank, no hang
+        odd = [{k: v[:3] for k, v in train[0].items()}]
+        fit(model, lambda epoch: iter(odd), lambda m, b: m(**b).loss, OptimConfig(lr=1e-2), steps_per_epoch=1)
+        result["odd_error"] = None
+    except ValueError as error:
+        result["odd_error"] = str(error)
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "EVA_BENCH_CACHE": str(out / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+         __file__, str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _close(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these three tests
+def test_eva_components_and_lora_da_factors_equal_one_process_on_the_union(ranks):
+    single = init_both(global_batches())
+    assert ranks[0]["eva_ranks"] == single["eva_ranks"]
+    for key in ("grads", "z", "y"):
+        _close(ranks[0][key], single[key], rtol=1e-5, atol=1e-7)
+    _close(ranks[0]["eva"], single["eva"], rtol=1e-4, atol=1e-6)
+    _close(ranks[0]["lora_da"], single["lora_da"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these three tests
+def test_every_rank_ends_init_and_training_with_identical_adapters(ranks):
+    for key in ("eva", "lora_da", "trained"):
+        _equal(ranks[0][key], ranks[1][key])
+    assert ranks[0]["curve"] == ranks[1]["curve"] and len(ranks[0]["curve"]) == 3
+
+
+@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these three tests
+def test_a_world_size_that_does_not_divide_the_batch_is_a_clear_error(ranks):
+    for r in ranks:
+        assert "cannot be split over 2 processes" in (r["odd_error"] or "")
+
+
+def test_the_helpers_are_no_ops_in_one_process():
+    from eva_bench import distributed
+
+    batch = {"x": torch.arange(3)}
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.shard(batch) is batch and distributed.sum_int(5) == 5
+    rows = torch.ones(3, 2)
+    assert distributed.cat_rows(rows) is rows and distributed.sum_tensor(rows) is rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    worker(Path(sys.argv[1]))
