@@ -20,7 +20,7 @@ VISION_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIME
 # make reproduce-rl [EXPERIMENT=paper_rl_cw10]: the RL CPU default unless named
 RL_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIMENT),rl_cpu)
 
-.PHONY: install test test-slow reproduce-language reproduce-vision reproduce-rl tables bench generate clean
+.PHONY: install test test-slow reproduce-language reproduce-vision reproduce-rl tables bench generate clean bench-gpu
 
 install: $(STAMP) $(FASHION_MNIST)
 $(STAMP): pyproject.toml
@@ -43,21 +43,27 @@ test-slow: $(STAMP) $(FASHION_MNIST)
 
 # The language table sweep (CPU default: stories260K, ~20 min on 2 cores), then its tables. A rerun skips finished
 # runs; tables are written even when a run failed (failed runs are recorded and left out of the means).
+# LAUNCH=slurm: submit the sweep as a SLURM array (PARTITION=<name> or $$EVA_BENCH_SLURM_PARTITION); LAUNCH=local: the
+# same submitit path on this machine; unset: the experiment's own launcher (CPU default: two joblib jobs)
+LAUNCH ?=
+PARTITION ?=
+LAUNCHER = $(if $(LAUNCH),hydra/launcher=$(LAUNCH)) $(if $(PARTITION),hydra.launcher.partition=$(PARTITION))
+
 reproduce-language: $(STAMP)
-	$(PY) -m tasks.language.train -m experiment=$(EXPERIMENT) $(ARGS); status=$$?; \
+	$(PY) -m tasks.language.train -m experiment=$(EXPERIMENT) $(LAUNCHER) $(ARGS); status=$$?; \
 	$(PY) -m eva_bench.tables --experiment $(EXPERIMENT); exit $$status
 
 # The vision sweep (CPU default: the Fashion-MNIST-pretrained tiny ViT on five VTAB-1K-style tasks, ~20 min on 2
 # cores): the backbone is built first with every core (cached), then the sweep, then its tables.
 reproduce-vision: $(STAMP) $(FASHION_MNIST)
 	$(PY) -m tasks.vision.prepare experiment=$(VISION_EXPERIMENT)
-	$(PY) -m tasks.vision.train -m experiment=$(VISION_EXPERIMENT) $(ARGS); status=$$?; \
+	$(PY) -m tasks.vision.train -m experiment=$(VISION_EXPERIMENT) $(LAUNCHER) $(ARGS); status=$$?; \
 	$(PY) -m eva_bench.tables --experiment $(VISION_EXPERIMENT); exit $$status
 
 # The RL sweep (CPU default: Meta-World expert data as Minari datasets, a decision transformer pretrained on 10 tasks,
 # LoRA-fine-tuned on 3 held-out ones); data generation and pretraining happen once, cached, inside the first run.
 reproduce-rl: $(STAMP)
-	$(PY) -m tasks.rl.train -m experiment=$(RL_EXPERIMENT) $(ARGS); status=$$?; \
+	$(PY) -m tasks.rl.train -m experiment=$(RL_EXPERIMENT) $(LAUNCHER) $(ARGS); status=$$?; \
 	$(PY) -m eva_bench.tables --experiment $(RL_EXPERIMENT); exit $$status
 
 tables: $(STAMP)
@@ -68,6 +74,10 @@ bench: $(STAMP)
 	$(PY) -m bench.eva
 	$(PY) -m bench.init
 	$(PY) -m bench.rl
+
+# on a GPU machine: LoRA training tokens/s, peak memory and EVA / LoRA-DA init cost at a 1B-class size (bench/gpu.py)
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu
 
 generate: $(STAMP)
 	$(PY) -m tasks.language.generate --prompt "Once upon a time"
