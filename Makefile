@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(PY) -m bench.eva
 	$(PY) -m bench.init
 	$(PY) -m bench.rl
+	$(PY) -m bench.vision
 
 # on a GPU machine: LoRA training tokens/s, peak memory and EVA / LoRA-DA init cost at a 1B-class size (bench/gpu.py)
 bench-gpu: $(STAMP)

@@ -48,3 +48,17 @@ def machine() -> dict:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
+
+
+def save(name: str, result: dict) -> None:
+    """Print a benchmark's figures and write them, with the machine, to bench/results/<name>-<date>.json."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    out = Path(__file__).resolve().parent / "results" / f"{name}-{datetime.date.today()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({**result, "machine": result.get("machine") or machine()}, indent=2) + "\n",
+                   encoding="utf-8")
+    print(f"wrote {out}")

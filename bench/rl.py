@@ -16,17 +16,14 @@ Prints the figures and writes them with the machine to bench/results/rl-<date>.j
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import os
 import time
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from bench import machine
+from bench import machine, save
 from eva_bench.init import initialize
 from eva_bench.train import OptimConfig, fit
 from tasks.rl import envs, models
@@ -37,7 +34,6 @@ from tasks.rl.sequences import SequenceDataset, StateNormalizer
 TASK, STEPS_PER_EPISODE = "push-v3", 100  # conf/task/mw_cpu.yaml: max_episode_steps
 DT = dict(hidden=64, layers=2, heads=4, context=10, dropout=0.1)  # conf/model/dt_cpu.yaml
 BATCH, TRAIN_STEPS = 32, 60  # data.batch_size; timed steps per loop run
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def env_steps_serial(episodes: int) -> float:
@@ -138,11 +134,7 @@ def main() -> None:
         "training": training_rates(3),
     }
     result["load_average_1m_end"] = os.getloadavg()[0]
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"rl-{datetime.date.today()}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    save("rl", result)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,17 @@ def lock_path(record_path: Path, run: dict) -> Path:
     return Path(record_path).parent / "lr_search" / name
 
 
+def prepare(cfg: DictConfig, ctx, run: Callable[[DictConfig], dict]) -> tuple[DictConfig, dict | None]:
+    """What a recipe does before it trains: check the protocol, and under ``tuned`` let a final run first run (or
+    reuse) its selection runs through ``run`` and take the chosen lr. Returns the config to train with and the
+    selection (None under ``fixed`` and for a selection run itself)."""
+    check(cfg)
+    if not (is_tuned(cfg) and stage(cfg) == "final"):
+        return cfg, None
+    selection = select_lr(cfg, run, lock=lock_path(ctx.path, ctx.run))
+    return with_lr(cfg, selection["selected_lr"]), selection
+
+
 def with_lr(cfg: DictConfig, lr: float) -> DictConfig:
     out = cfg.copy()
     with open_dict(out):
@@ -131,5 +142,6 @@ def with_lr(cfg: DictConfig, lr: float) -> DictConfig:
 
 
 __all__ = [
-    "VALIDATION_METRIC", "check", "is_tuned", "lock_path", "select_lr", "selection_config", "split", "stage", "with_lr",
+    "VALIDATION_METRIC", "check", "is_tuned", "lock_path", "prepare", "select_lr", "selection_config", "split", "stage",
+    "with_lr",
 ]

@@ -30,11 +30,7 @@ def run(cfg: DictConfig) -> dict:
     ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name, task_group=task_group(cfg.task.name))
     if ctx.finished():
         return ctx.existing()
-    protocol.check(cfg)
-    selection = None
-    if protocol.is_tuned(cfg) and protocol.stage(cfg) == "final":  # selection runs first (recorded, reused)
-        selection = protocol.select_lr(cfg, run, lock=protocol.lock_path(ctx.path, ctx.run))
-        cfg = protocol.with_lr(cfg, selection["selected_lr"])
+    cfg, selection = protocol.prepare(cfg, ctx, run)  # tuned: selection runs first (recorded, reused)
     with ctx.recording() as record:
         record.protocol(selection)
         set_threads(cfg.get("threads"))
