@@ -27,7 +27,7 @@ from tasks.rl.sequences import SequenceDataset
 
 def run(cfg: DictConfig) -> dict:
     check(cfg)
-    ctx = RunContext.from_config(cfg, task=cfg.task.finetune, model=cfg.model.name)
+    ctx = RunContext.from_config(cfg, task=cfg.task.finetune, model=cfg.model.name, task_group=cfg.task.name)  # tables: mean over held-out tasks
     if ctx.finished():
         return ctx.existing()
     with ctx.recording() as record:
