@@ -46,6 +46,20 @@ def build(spec, **kwargs):
         raise
 
 
+def initialize_from_config(model, cfg: DictConfig, calibration):
+    """``eva_bench.init.initialize`` with the run's method (``cfg.init``: name and params) and adapter (``cfg.lora``):
+    ``r``, ``alpha`` and ``target_modules``; every other ``lora`` key is a ``LoraConfig`` option shared by all methods
+    (``dropout`` is PEFT's ``lora_dropout``)."""
+    from .init import initialize
+
+    lora = OmegaConf.to_container(cfg.lora, resolve=True)
+    rank, alpha, targets = lora.pop("r"), lora.pop("alpha"), lora.pop("target_modules")
+    if "dropout" in lora:
+        lora["lora_dropout"] = lora.pop("dropout")
+    return initialize(model, cfg.init.name, rank=rank, alpha=alpha, target_modules=targets, calibration=calibration,
+                      lora=lora, **cfg.init.params)
+
+
 def set_threads(threads: int | None) -> None:
     """Pin torch's CPU threads (a sweep of parallel 1-thread jobs beats oversubscribed 2-thread ones on tiny models)."""
     if threads:

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench import protocol
-from eva_bench.init import Calibration, initialize
-from eva_bench.recipe import RunContext, build, seed_everything, set_threads
+from eva_bench.init import Calibration
+from eva_bench.recipe import RunContext, build, initialize_from_config, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
@@ -51,16 +51,7 @@ def run(cfg: DictConfig) -> dict:
             loss_rows=lambda b: b["labels"] != -100,  # answer tokens only, for label masking
             dataset_size=len(features),
         )
-        model, report = initialize(
-            model,
-            cfg.init.name,
-            rank=cfg.lora.r,
-            alpha=cfg.lora.alpha,
-            target_modules=_plain(cfg.lora.target_modules),
-            calibration=calibration,
-            lora={"lora_dropout": cfg.lora.dropout, "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora},
-            **cfg.init.params,
-        )
+        model, report = initialize_from_config(model, cfg, calibration)
         record.init(report)
 
         # train: the shared loop; every epoch reshuffles with a generator seeded by (seed, epoch)
@@ -152,10 +143,6 @@ def averages(metrics: dict) -> dict:
             continue
         by_metric.setdefault(key.split("/", 1)[1], []).append(value)
     return {f"avg/{m}": sum(v) / len(v) for m, v in by_metric.items()}
-
-
-def _plain(value):
-    return value if isinstance(value, str) else list(value)
 
 
 @hydra.main(config_path="../../conf", config_name="language", version_base="1.3")

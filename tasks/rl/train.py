@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench import protocol
-from eva_bench.init import Calibration, initialize
-from eva_bench.recipe import RunContext, seed_everything, set_threads
+from eva_bench.init import Calibration
+from eva_bench.recipe import RunContext, initialize_from_config, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.rl import data as rl_data
 from tasks.rl import envs, models
@@ -53,16 +53,7 @@ def run(cfg: DictConfig) -> dict:
             loss_rows=models.token_rows,
             dataset_size=len(windows),
         )
-        model, report = initialize(
-            model,
-            cfg.init.name,
-            rank=cfg.lora.r,
-            alpha=cfg.lora.alpha,
-            target_modules=cfg.lora.target_modules,
-            calibration=calibration,
-            lora={"lora_dropout": cfg.lora.dropout, "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora},
-            **cfg.init.params,
-        )
+        model, report = initialize_from_config(model, cfg, calibration)
         record.init(report)
 
         # train: the shared loop on windows drawn with replacement, seeded by (seed, epoch)

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench import protocol
-from eva_bench.init import Calibration, initialize
-from eva_bench.recipe import RunContext, build, seed_everything, set_threads
+from eva_bench.init import Calibration
+from eva_bench.recipe import RunContext, build, initialize_from_config, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.vision.data import task_group
 from tasks.vision.models import accuracy_and_nll, classification_loss
@@ -57,19 +57,7 @@ def run(cfg: DictConfig) -> dict:
             rows=lambda b: token_rows(model, b, cfg.calibration.class_token),
             dataset_size=len(train_idx),
         )
-        model, report = initialize(
-            model,
-            cfg.init.name,
-            rank=cfg.lora.r,
-            alpha=cfg.lora.alpha,
-            target_modules=_plain(cfg.lora.target_modules),
-            calibration=calibration,
-            lora={
-                "lora_dropout": cfg.lora.dropout, "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora,
-                "bias": cfg.lora.bias, "modules_to_save": _plain(cfg.lora.modules_to_save),
-            },
-            **cfg.init.params,
-        )
+        model, report = initialize_from_config(model, cfg, calibration)
         record.init(report)
 
         # train: the shared loop; every epoch reshuffles with a generator seeded by (seed, epoch)
@@ -131,10 +119,6 @@ def token_rows(model, batch: dict, class_token: bool) -> torch.Tensor:
     if not class_token:
         mask[:, : base.num_prefix_tokens] = False
     return mask
-
-
-def _plain(value):
-    return value if value is None or isinstance(value, str) else list(value)
 
 
 @hydra.main(config_path="../../conf", config_name="vision", version_base="1.3")
