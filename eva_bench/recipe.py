@@ -46,6 +46,16 @@ def build(spec, **kwargs):
         raise
 
 
+def check_domain(cfg: DictConfig, domain: str) -> None:
+    """Every task module composes options from the same config groups; a ``model``/``task`` option of another
+    module (its ``domain:`` key; none means language) is a clear error before any work, not a crash later."""
+    for group in ("model", "task"):
+        found = cfg[group].get("domain", "language")
+        if found != domain:
+            raise ValueError(f"{group}={cfg[group].get('name')!r} is a {found} option; the {domain} recipe needs a "
+                             f"{domain} {group} (conf/{group}/ files with `domain: {domain}`)")
+
+
 def initialize_from_config(model, cfg: DictConfig, calibration):
     """``eva_bench.init.initialize`` with the run's method (``cfg.init``: name and params) and adapter (``cfg.lora``):
     ``r``, ``alpha`` and ``target_modules``; every other ``lora`` key is a ``LoraConfig`` option shared by all methods

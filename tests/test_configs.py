@@ -7,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from eva_bench.init import INITS
+from eva_bench.recipe import check_domain
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
@@ -79,3 +80,11 @@ def test_paper_experiments_pin_hub_revisions(experiment):
     assert cfg.lora.r == 16 and cfg.lora.alpha == 1 and cfg.optim.lr == 5e-4  # EVA v5 language protocol
     assert cfg.data.batch_size * cfg.optim.grad_accumulation == 32
     assert str(cfg.hydra.sweeper.params.seed) == "0,10,101"
+
+
+@pytest.mark.parametrize("primary,foreign", [("language", "model=vit_tiny_fmnist"), ("vision", "model=stories260k"),
+                                             ("rl", "task=vtab_cpu"), ("language", "task=mw_cpu")])
+def test_a_recipe_rejects_another_task_modules_options(primary, foreign):
+    check_domain(compose_language([], primary), primary)  # its own defaults pass
+    with pytest.raises(ValueError, match=f"the {primary} recipe needs"):
+        check_domain(compose_language([foreign], primary), primary)

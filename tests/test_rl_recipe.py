@@ -37,7 +37,7 @@ def test_two_step_run_writes_a_record(tmp_path, init, capsys):
 
 
 def test_language_options_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="model='stories260k' is not an RL option"):
+    with pytest.raises(ValueError, match="model='stories260k' is a language option"):
         run(compose_run(tmp_path, "model=stories260k", tiny=[]))
 
 

@@ -109,17 +109,11 @@ def test_tuned_protocol_selects_on_val200_style_split(tmp_path):
 @pytest.mark.parametrize("override,error,match", [
     ("lora.target_modules=.*proj", InitError, "patch_embed.proj"),
     ("lora.target_modules=.*nothing_here", InitError, "match no module"),
-    ("model=stories260k", ValueError, "language option"),
     ("model.load.architecture.image_size=32", ValueError, "backbone takes 32x32"),
 ])
 def test_bad_input_is_a_clear_error_before_training(tmp_path, override, error, match):
     with pytest.raises(error, match=match):
-        run(compose_vision(tmp_path, override) if "stories" not in override else _composed_with_model(tmp_path))
-
-
-def _composed_with_model(tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="vision", overrides=["model=stories260k", f"results_dir={tmp_path}"])
+        run(compose_vision(tmp_path, override))
 
 
 @pytest.mark.parametrize("experiment,depth", [("paper_vtab_dinov2_g14", 40), ("paper_vtab_vit_b16", 12)])

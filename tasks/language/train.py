@@ -17,13 +17,14 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, build, initialize_from_config, seed_everything, set_threads
+from eva_bench.recipe import RunContext, build, check_domain, initialize_from_config, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
 
 
 def run(cfg: DictConfig) -> dict:
+    check_domain(cfg, "language")
     ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name)
     if ctx.finished():
         return ctx.existing()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, initialize_from_config, seed_everything, set_threads
+from eva_bench.recipe import RunContext, check_domain, initialize_from_config, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.rl import data as rl_data
 from tasks.rl import envs, models
@@ -85,13 +85,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def check(cfg: DictConfig) -> None:
-    """RL options only: a language model or task in an RL run (or the reverse) fails before any work."""
-    for group in ("model", "task"):
-        if cfg[group].get("domain") != "rl":
-            raise ValueError(
-                f"{group}={cfg[group].get('name')!r} is not an RL option (no `domain: rl`); the RL recipe takes "
-                "model=dt_cpu|dt_paper and an RL task (conf/task/ files with `domain: rl`)"
-            )
+    """RL options only (a language model or task in an RL run fails before any work), fixed protocol only."""
+    check_domain(cfg, "rl")
     if protocol.is_tuned(cfg):
         raise ValueError("the RL recipe runs protocol=fixed only (the tuned protocol scores language NLL)")
 

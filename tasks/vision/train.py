@@ -17,16 +17,13 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, build, initialize_from_config, seed_everything, set_threads
+from eva_bench.recipe import RunContext, build, check_domain, initialize_from_config, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.vision.data import task_group
 from tasks.vision.models import accuracy_and_nll, classification_loss
 
-DOMAIN = "vision"
-
-
 def run(cfg: DictConfig) -> dict:
-    check_domain(cfg)
+    check_domain(cfg, "vision")
     ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name, task_group=task_group(cfg.task.name))
     if ctx.finished():
         return ctx.existing()
@@ -91,15 +88,6 @@ def run(cfg: DictConfig) -> dict:
         scores = accuracy_and_nll(model, test_images, task.test_labels, cfg.data.eval_batch_size)
         record.metrics({"test/accuracy": scores["accuracy"], "test/nll": scores["nll"], "test/n": len(test_images)})
         return record.finish("success")
-
-
-def check_domain(cfg: DictConfig) -> None:
-    """A language or RL model/task option composed into the vision recipe is a clear error, not a crash later."""
-    for group in ("model", "task"):
-        domain = cfg[group].get("domain")
-        if domain != DOMAIN:
-            raise ValueError(f"{group}={cfg[group].get('name')!r} is a {domain or 'language'} option; the vision "
-                             f"recipe needs a vision {group} (conf/{group}/ files with `domain: vision`)")
 
 
 def calibration_batches(images, labels, train_idx, cfg, seed: int) -> list[dict]:
