@@ -17,8 +17,8 @@ ARGS ?=
 # make reproduce-vision [PROTOCOL=tuned] [EXPERIMENT=paper_vtab_dinov2_g14]: the vision CPU default unless named
 VISION_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIMENT),vision_cpu$(if $(filter tuned,$(PROTOCOL)),_tuned))
 
-# make reproduce-rl [EXPERIMENT=paper_rl_cw10]: the RL CPU default unless named
-RL_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIMENT),rl_cpu)
+# make reproduce-rl [PROTOCOL=tuned] [EXPERIMENT=paper_rl_cw10]: the RL CPU default unless named
+RL_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIMENT),rl_cpu$(if $(filter tuned,$(PROTOCOL)),_tuned))
 
 .PHONY: install test test-slow reproduce-language reproduce-vision reproduce-rl tables bench generate clean bench-gpu
 

@@ -4,7 +4,8 @@
   EVA paper's main tables, and the CPU defaults.
 - ``tuned``: per method x rank, a *selection run* trains at each learning rate of ``lr_grid`` on the training
   split minus a seeded validation split of ``validation_size`` examples, and is scored on that validation split
-  only (answer NLL: lower is better); the lr with the best score is then run over the seeds on the whole training
+  only (a recipe's validation metric, lower is better: answer NLL for language, cross-entropy for vision, held-out
+  episodes' action MSE for RL); the lr with the best score is then run over the seeds on the whole training
   split and evaluated on test. Test data never reaches selection. The EVA paper grid-searched lr per method
   (arXiv 2410.07170v5, App. B: language around 5e-4; VTAB {2.5e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4} on train800/val200).
 
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 
 from .locks import exclusive
 
-VALIDATION_METRIC = "validation/nll"  # answer NLL per target token on the validation split; lower is better
+VALIDATION_METRIC = "validation/nll"  # the default selection metric: NLL on the validation split; lower is better
 
 
 def is_tuned(cfg: DictConfig) -> bool:
@@ -87,18 +88,19 @@ def selection_config(cfg: DictConfig, lr: float) -> DictConfig:
     return sel
 
 
-def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | None = None) -> dict:
+def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | None = None,
+              metric: str = VALIDATION_METRIC) -> dict:
     """Run (or reuse) the selection runs of ``cfg``'s method x rank; the grid's scores and the chosen lr.
 
     ``lock``: a file shared by every seed of this method x rank (``lock_path``): a run that finds another one
     selecting waits, then reuses its records instead of training the same selection runs at the same time.
-    A diverged selection run scores +inf; if every lr diverged there is nothing to choose and that is an error.
+    ``metric``: the selection runs' validation metric (lower is better). A diverged selection run scores +inf; if every lr diverged there is nothing to choose and that is an error.
     """
     scores = {}
     with exclusive(lock) if lock is not None else contextlib.nullcontext():
         for lr in cfg.protocol.lr_grid:
             record = run(selection_config(cfg, lr))
-            value = record.get("metrics", {}).get(VALIDATION_METRIC) if record.get("status") == "success" else None
+            value = record.get("metrics", {}).get(metric) if record.get("status") == "success" else None
             scores[float(lr)] = math.inf if value is None or not math.isfinite(value) else float(value)
     best = min(scores, key=lambda lr: (scores[lr], lr))  # ties: the smaller lr
     if math.isinf(scores[best]):
@@ -109,7 +111,7 @@ def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | N
                       "lr may lie outside it (widen protocol.lr_grid)", stacklevel=2)
     return {
         "name": "tuned",
-        "metric": VALIDATION_METRIC,
+        "metric": metric,
         "validation_size": cfg.protocol.validation_size,
         "grid": {str(lr): (None if math.isinf(v) else v) for lr, v in scores.items()},
         "selected_lr": best,
@@ -123,14 +125,15 @@ def lock_path(record_path: Path, run: dict) -> Path:
     return Path(record_path).parent / "lr_search" / name
 
 
-def prepare(cfg: DictConfig, ctx, run: Callable[[DictConfig], dict]) -> tuple[DictConfig, dict | None]:
+def prepare(cfg: DictConfig, ctx, run: Callable[[DictConfig], dict],
+            metric: str = VALIDATION_METRIC) -> tuple[DictConfig, dict | None]:
     """What a recipe does before it trains: check the protocol, and under ``tuned`` let a final run first run (or
-    reuse) its selection runs through ``run`` and take the chosen lr. Returns the config to train with and the
+    reuse) its selection runs through ``run`` and take the lr with the lowest ``metric``. Returns the config to train with and the
     selection (None under ``fixed`` and for a selection run itself)."""
     check(cfg)
     if not (is_tuned(cfg) and stage(cfg) == "final"):
         return cfg, None
-    selection = select_lr(cfg, run, lock=lock_path(ctx.path, ctx.run))
+    selection = select_lr(cfg, run, lock=lock_path(ctx.path, ctx.run), metric=metric)
     return with_lr(cfg, selection["selected_lr"]), selection
 
 

@@ -36,6 +36,24 @@ def test_two_step_run_writes_a_record(tmp_path, init, capsys):
     assert again["status"] == "success" and capsys.readouterr().out.count("pretraining the decision") == 1
 
 
+def test_tuned_protocol_selects_on_held_out_episodes_without_rollouts(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("task.data.episodes")] + ["task.data.episodes=4"]
+    record = run(compose_run(tmp_path, "protocol=tuned_rl", "protocol.lr_grid=[1e-2,1e30]",
+                             "protocol.validation_size=1", "optim.max_grad_norm=null", tiny=tiny))
+    assert record["status"] == "success" and record["protocol"]["selected_lr"] == 1e-2
+    assert record["protocol"]["metric"] == "validation/action_mse" and record["metrics"]["rollout/n"] == 1
+    selections = [json.loads(p.read_text()) for p in tmp_path.glob("dev/lr_search/*.json")]
+    scored = [s for s in selections if s["status"] == "success"]
+    assert len(selections) == 2 and len(scored) == 1  # lr 1e30 diverges; 1e-2 is scored on 1 of 4 episodes
+    assert scored[0]["metrics"]["validation/n"] == 1 and "rollout/n" not in scored[0]["metrics"]
+    assert record["protocol"]["grid"]["0.01"] == scored[0]["metrics"]["validation/action_mse"]
+
+
+def test_a_validation_split_as_large_as_the_data_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="validation_size=2 leaves no training data"):
+        run(compose_run(tmp_path, "protocol=tuned_rl", "protocol.validation_size=2"))
+
+
 def test_language_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="model='stories260k' is a language option"):
         run(compose_run(tmp_path, "model=stories260k", tiny=[]))

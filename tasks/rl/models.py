@@ -47,6 +47,22 @@ def action_loss(model, batch: dict) -> torch.Tensor:
     return error.mean(-1)[mask].mean()
 
 
+@torch.no_grad()
+def mean_action_loss(model, windows, batch_size: int = 256) -> float:
+    """``action_loss`` over every window of ``windows`` (a SequenceDataset), weighted by real timesteps, in eval mode:
+    the tuned protocol's validation score on held-out episodes."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows.batch(range(start, min(start + batch_size, len(windows))))
+        mask = batch["attention_mask"].bool()
+        total += float(((forward(model, batch) - batch["actions"]) ** 2).mean(-1)[mask].sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    return total / count
+
+
 def token_rows(batch: dict) -> torch.Tensor:
     """(B, 3K) mask: a timestep's mask for its return, state and action tokens, in the model's interleaved order."""
     return batch["attention_mask"].repeat_interleave(3, dim=1)

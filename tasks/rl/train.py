@@ -3,12 +3,14 @@
     python -m tasks.rl.train init=eva lora.r=8 seed=0 task.finetune=hammer-v3
     python -m tasks.rl.train -m experiment=rl_cpu      # the CPU default's sweep
 
-Reads top to bottom: skip if done -> seed -> build (the pretrained DT, cached; the task's expert data) -> initialize
--> train -> evaluate by rollouts -> record. The pretrained checkpoint is built by the first run that needs it
+Reads top to bottom: skip if done -> (tuned protocol: choose the lr) -> seed -> build (the pretrained DT, cached; the
+task's expert data) -> initialize -> train -> evaluate by rollouts -> record. The pretrained checkpoint is built by the first run that needs it
 (tasks/rl/pretrain.py) and shared by every method, rank and seed.
 """
 
 from __future__ import annotations
+
+import math
 
 import hydra
 import torch
@@ -24,13 +26,17 @@ from tasks.rl.evaluate import rollout
 from tasks.rl.pretrain import expert_spec, pretrained, random_batches
 from tasks.rl.sequences import SequenceDataset
 
+VALIDATION_METRIC = "validation/action_mse"  # tuned protocol: action MSE on held-out expert episodes, lower is better
+
 
 def run(cfg: DictConfig) -> dict:
-    check(cfg)
+    check_domain(cfg, "rl")  # a language or vision option in an RL run fails before any work
     ctx = RunContext.from_config(cfg, task=cfg.task.finetune, model=cfg.model.name, task_group=cfg.task.name)  # tables: mean over held-out tasks
     if ctx.finished():
         return ctx.existing()
+    cfg, selection = protocol.prepare(cfg, ctx, run, metric=VALIDATION_METRIC)  # tuned: selection runs first
     with ctx.recording() as record:
+        record.protocol(selection)
         set_threads(cfg.get("threads"))
 
         # build: the pretrained DT (cached by config hash) and the held-out task's expert data in its input convention
@@ -39,6 +45,8 @@ def run(cfg: DictConfig) -> dict:
         task = cfg.task.finetune
         spec = expert_spec(cfg, task)
         episodes = rl_data.load_episodes(rl_data.dataset(spec), envs.make(task, spec.max_episode_steps))
+        # tuned protocol: a selection run trains on the episodes minus validation_size held-out ones, scored on those
+        episodes, validation = protocol.split(cfg, episodes)
         windows = SequenceDataset(episodes, cfg.model.context, cfg.task.return_scale, normalizer=meta["normalizer"])
         target_return = max(float(ep.rewards.sum()) for ep in episodes)  # condition rollouts on the data's best
 
@@ -70,6 +78,12 @@ def run(cfg: DictConfig) -> dict:
         if result.status == "diverged":
             return record.finish("diverged")
 
+        if validation:  # a selection run is scored on its held-out episodes only; no rollouts
+            held_out = SequenceDataset(validation, cfg.model.context, cfg.task.return_scale, normalizer=meta["normalizer"])
+            mse = models.mean_action_loss(model, held_out)
+            record.metrics({VALIDATION_METRIC: mse, "validation/n": len(validation), "validation/windows": len(held_out)})
+            return record.finish("success" if math.isfinite(mse) else "diverged")
+
         # evaluate: rollouts in the task's environment, on goal variations seeded apart from the data's
         out = rollout(model, task, normalizer=meta["normalizer"], context=cfg.model.context,
                       return_scale=cfg.task.return_scale, target_return=target_return,
@@ -82,13 +96,6 @@ def run(cfg: DictConfig) -> dict:
         record.body["rollout_errors"] = out["error_messages"]
         record.body["pretrain"] = {k: v for k, v in meta.items() if k not in ("normalizer", "state_mean", "state_std")}
         return record.finish("success")
-
-
-def check(cfg: DictConfig) -> None:
-    """RL options only (a language model or task in an RL run fails before any work), fixed protocol only."""
-    check_domain(cfg, "rl")
-    if protocol.is_tuned(cfg):
-        raise ValueError("the RL recipe runs protocol=fixed only (the tuned protocol scores language NLL)")
 
 
 @hydra.main(config_path="../../conf", config_name="rl", version_base="1.3")
