@@ -77,3 +77,19 @@ def test_remote_dataset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineHubError, match="mujoco/halfcheetah/expert-v0.*minari download"):
         remote_dataset(RemoteSpec("mujoco/halfcheetah/expert-v0"))
+
+
+def test_goal_variations_built_in_concurrent_threads_are_the_seeds_own():
+    """MT1 draws from numpy's global RNG: unserialized, concurrent builds (a sweep worker's nested joblib threads)
+    interleave and give other, or repeated, goals."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    def goals(seed):  # uncached: every call builds MT1 anew
+        return np.stack([pickle.loads(t.data)["rand_vec"] for t in envs.goal_variations.__wrapped__("reach-v3", seed)])
+
+    reference = {seed: goals(seed) for seed in (0, 1)}
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(goals, [0, 1, 0, 1]))
+    for seed, vectors in zip([0, 1, 0, 1], built):
+        assert np.array_equal(vectors, reference[seed]) and len(np.unique(vectors, axis=0)) == 50

@@ -12,6 +12,7 @@ Each reset picks one of the task's 50 goal variations (Meta-World's MT1 train ta
 from __future__ import annotations
 
 import functools
+import threading
 
 import gymnasium as gym
 import numpy as np
@@ -71,13 +72,21 @@ def make_metaworld(task: str, seed: int = 0) -> gym.Env:
     return MetaWorldTask(metaworld.ALL_V3_ENVIRONMENTS[task](), goal_variations(task, seed))
 
 
+_GLOBAL_NP_RANDOM = threading.Lock()  # MT1 seeds, draws from and restores numpy's process-global RNG
+
+
 @functools.lru_cache(maxsize=None)
 def goal_variations(task: str, seed: int) -> tuple:
     """The task's 50 goal variations (Meta-World's MT1 train tasks; the seed fixes them), built once per process:
-    an evaluation makes one env per episode."""
+    an evaluation makes one env per episode.
+
+    Serialized: two threads building MT1 at once (joblib runs a nested Parallel in threads inside a sweep's worker)
+    interleave their draws from the global RNG, which gives other goals than the seed's, or repeated ones (Meta-World's
+    "Only generated 38 unique goals, not 50" assertion)."""
     import metaworld
 
-    return tuple(metaworld.MT1(task, seed=seed).train_tasks)
+    with _GLOBAL_NP_RANDOM:
+        return tuple(metaworld.MT1(task, seed=seed).train_tasks)
 
 
 def make(task: str, max_episode_steps: int, seed: int = 0) -> gym.Env:
