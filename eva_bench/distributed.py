@@ -1,10 +1,14 @@
 """Data parallelism across processes (``torchrun`` / ``accelerate launch``): a few helpers, no-ops in one process.
 
 Every helper returns its input untouched unless a ``torch.distributed`` process group is initialized with more than
-one rank, so single-process code paths (and their numbers) never change. The launcher initializes the group; the
-helpers only use it:
+one rank, so single-process code paths (and their numbers) never change. A recipe joins the group the launcher
+describes (``setup``, called by ``RunContext.from_config``):
 
-    torchrun --nproc_per_node 2 script.py      # script: torch.distributed.init_process_group("gloo" or "nccl")
+    torchrun --nproc_per_node 2 -m tasks.language.train init=eva ...   # one run, its batches split over 2 ranks
+
+Rank 0 speaks for the job: it alone takes the record's lock and writes the record; the other ranks follow it
+through the collectives (eva_bench/recipe.py). Inside ``local()`` the helpers act as in one process: what one rank
+builds on its own for everyone (a pretrained checkpoint, under a file lock the other ranks wait on).
 
 Conventions: rank 0 is the reference; reductions are sums (callers divide by a summed count, so a rank with fewer
 rows weighs in exactly as in one process seeing every rank's data); tensors are reduced on their own device.
@@ -12,6 +16,8 @@ rows weighs in exactly as in one process seeing every rank's data); tensors are 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 import torch
@@ -19,9 +25,55 @@ import torch.distributed as dist
 from torch import nn
 
 
+_local = False  # inside local(): this process works on its own
+
+
+def setup() -> None:
+    """Join the process group that torchrun / accelerate describe in the environment (WORLD_SIZE > 1): NCCL with this
+    rank's GPU, else gloo. Nothing in one process, or when a group already exists."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def device(setting: str | None = "auto") -> torch.device:
+    """Where this process trains: ``auto`` (or None) is its GPU (under torchrun: LOCAL_RANK's) when there is one,
+    else the CPU; anything else is a torch device string (``cpu``, ``cuda:1``)."""
+    if setting not in (None, "auto"):
+        return torch.device(setting)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def is_distributed() -> bool:
-    """True inside a process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group of more than one rank (and not inside ``local()``)."""
+    return not _local and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local():
+    """Work this process does on its own inside a group: the helpers (and so ``fit``: no DDP) act as in one process.
+    For artifacts one rank builds under a file lock while the others wait on the lock (no collective may run)."""
+    global _local
+    before, _local = _local, True
+    try:
+        yield
+    finally:
+        _local = before
+
+
+def from_rank0(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (every rank must call this; the others' ``flag`` is ignored)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_scalar_device())
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def world_size() -> int:
@@ -97,19 +149,34 @@ def shard(batch: Any) -> Any:
     lists and tuples; anything else is passed through. The world size must divide the batch."""
     if not is_distributed():
         return batch
-    if isinstance(batch, torch.Tensor):
-        n, ranks = batch.shape[0], world_size()
+    ranks = world_size()
+
+    def slice_of(tensor: torch.Tensor) -> torch.Tensor:
+        n = tensor.shape[0]
         if n % ranks:
             raise ValueError(
                 f"a batch of {n} examples cannot be split over {ranks} processes: choose a batch size that the "
                 "world size divides (the per-process batch is batch_size / world_size)"
             )
         per = n // ranks
-        return batch[rank() * per : (rank() + 1) * per]
+        return tensor[rank() * per : (rank() + 1) * per]
+
+    return map_tensors(batch, slice_of)
+
+
+def to_device(batch: Any, target: torch.device) -> Any:
+    """``batch`` with every tensor on ``target`` (the batch itself when they are there already)."""
+    return map_tensors(batch, lambda t: t if t.device == target else t.to(target, non_blocking=True))
+
+
+def map_tensors(batch: Any, fn) -> Any:
+    """``fn`` applied to every tensor of ``batch``, through dicts, lists, tuples and namedtuples."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
     if isinstance(batch, dict):
-        return type(batch)({k: shard(v) for k, v in batch.items()})
+        return type(batch)({k: map_tensors(v, fn) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(shard(v) for v in batch))
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(shard(v) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch

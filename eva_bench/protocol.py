@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, open_dict
 
+from . import distributed
 from .locks import exclusive
 
 VALIDATION_METRIC = "validation/nll"  # the default selection metric: NLL on the validation split; lower is better
@@ -133,7 +134,8 @@ def prepare(cfg: DictConfig, ctx, run: Callable[[DictConfig], dict],
     check(cfg)
     if not (is_tuned(cfg) and stage(cfg) == "final"):
         return cfg, None
-    selection = select_lr(cfg, run, lock=lock_path(ctx.path, ctx.run), metric=metric)
+    lock = lock_path(ctx.path, ctx.run) if distributed.rank() == 0 else None  # torchrun: rank 0 locks for the job
+    selection = select_lr(cfg, run, lock=lock, metric=metric)
     return with_lr(cfg, selection["selected_lr"]), selection
 
 

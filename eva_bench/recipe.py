@@ -18,6 +18,7 @@ then skips the finished record (or reruns a failed one). The lock dies with its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import random
 import time
@@ -31,7 +32,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from . import results
+from . import distributed, results
 from .tracking import make_tracker
 
 
@@ -59,15 +60,32 @@ def check_domain(cfg: DictConfig, domain: str) -> None:
 def initialize_from_config(model, cfg: DictConfig, calibration):
     """``eva_bench.init.initialize`` with the run's method (``cfg.init``: name and params) and adapter (``cfg.lora``):
     ``r``, ``alpha`` and ``target_modules``; every other ``lora`` key is a ``LoraConfig`` option shared by all methods
-    (``dropout`` is PEFT's ``lora_dropout``)."""
+    (``dropout`` is PEFT's ``lora_dropout``). Under torchrun every rank builds the same global calibration batches."""
     from .init import initialize
 
+    # each rank keeps its slice of every calibration batch (EVA and LoRA-DA combine the ranks' statistics: the union),
+    # on the model's device
+    device = next(model.parameters()).device
+    calibration = dataclasses.replace(
+        calibration, batches=[distributed.to_device(distributed.shard(b), device) for b in calibration.batches]
+    )
     lora = OmegaConf.to_container(cfg.lora, resolve=True)
     rank, alpha, targets = lora.pop("r"), lora.pop("alpha"), lora.pop("target_modules")
     if "dropout" in lora:
         lora["lora_dropout"] = lora.pop("dropout")
     return initialize(model, cfg.init.name, rank=rank, alpha=alpha, target_modules=targets, calibration=calibration,
                       lora=lora, **cfg.init.params)
+
+
+def place(model, cfg: DictConfig):
+    """The built model on the run's device (``device``: auto = this rank's GPU when there is one, else CPU), with
+    gradient checkpointing when the model config asks for it (``model.gradient_checkpointing``: 7B on one GPU)."""
+    if cfg.model.get("gradient_checkpointing"):
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(f"model.gradient_checkpointing: {type(model).__name__} is not a transformers model")
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # PEFT freezes the embeddings: checkpointed blocks need a grad input
+    return model.to(distributed.device(cfg.get("device")))
 
 
 def set_threads(threads: int | None) -> None:
@@ -90,7 +108,9 @@ class RunContext:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, *, task: str, model: str, **keys) -> RunContext:
-        """``keys``: further run keys tables group by (vision: ``task_group``, to average within VTAB groups)."""
+        """``keys``: further run keys tables group by (vision: ``task_group``, to average within VTAB groups).
+        Under torchrun this process first joins the job's process group."""
+        distributed.setup()
         config = OmegaConf.to_container(cfg, resolve=True)
         run = {
             "experiment": cfg.experiment_name,
@@ -107,13 +127,16 @@ class RunContext:
 
     def finished(self) -> bool:
         """True when a finished record exists; otherwise this process now holds the record's lock until the record
-        is written (a job running the same record elsewhere is waited for first)."""
+        is written (a job running the same record elsewhere is waited for first). Under torchrun rank 0 decides
+        for every rank: only it locks and writes the record."""
+        if distributed.rank() != 0:
+            return distributed.from_rank0(False)
         self._claim()
-        if not self.config.get("force") and results.is_finished(self.path):
+        done = not self.config.get("force") and results.is_finished(self.path)
+        if done:
             print(f"skip (finished record exists): {self.path}")
             self._release()
-            return True
-        return False
+        return distributed.from_rank0(done)
 
     def _claim(self) -> None:
         if getattr(self, "_lock", None) is not None:
@@ -138,8 +161,10 @@ class RunContext:
 
     @contextlib.contextmanager
     def recording(self):
-        self._claim()  # no-op after finished(); a recipe that never asked still gets the record to itself
-        logger = dict(self.config.get("logger") or {})
+        leader = distributed.rank() == 0  # the other ranks of a torchrun job neither lock, log nor write
+        if leader:
+            self._claim()  # no-op after finished(); a recipe that never asked still gets the record to itself
+        logger = dict(self.config.get("logger") or {}) if leader else {}
         kind = logger.pop("kind", "none")
         tracker = make_tracker(kind, group=self.run["experiment"], name=self.path.stem, config=self.config, **logger)
         record = Recorder(self, tracker)
@@ -199,6 +224,8 @@ class Recorder:
             "started_at": self.started_at,
             "finished_at": results.now(),
         }
+        if distributed.rank() != 0:
+            return record  # rank 0 writes the job's record
         results.write_record(self.ctx.path, record)
         self.tracker.summary({"status": status, **record["metrics"]})
         self.tracker.finish(status)

@@ -27,7 +27,7 @@ SCHEMA = 1
 FINISHED = ("success", "diverged")
 PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core", "minari", "metaworld", "wandb")
 LR_ROW = "lr*"  # the learning rate the tuned protocol selected, shown as a table row
-IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads")  # bookkeeping, not the result
+IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads", "device")  # bookkeeping, not the result
 
 
 def config_hash(config: dict) -> str:

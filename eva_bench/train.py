@@ -10,10 +10,10 @@ every rank iterates the same global batches (the task's seeded order), takes its
 Logged losses are averaged over ranks, so every rank sees the same curve and stops (or diverges) at the same step.
 In one process nothing of this runs: the loop is the plain one.
 
-For 7B models on one GPU: load the model in bf16 (``torch_dtype=torch.bfloat16``), call
-``model.gradient_checkpointing_enable()`` and ``model.enable_input_require_grads()`` before wrapping (PEFT needs the
-latter so checkpointed blocks see a grad-requiring input), and reach the paper's effective batch through
-``grad_accumulation`` (e.g. micro-batch 4 x 8 = 32). README: "Beyond one machine".
+For 7B models on one GPU: the model in bf16 (``model.load.dtype``), gradient checkpointing (``model.
+gradient_checkpointing``: the recipe calls ``gradient_checkpointing_enable()`` and ``enable_input_require_grads()``
+before PEFT wraps the model, so checkpointed blocks see a grad-requiring input), and the paper's effective batch
+through ``grad_accumulation`` (e.g. micro-batch 4 x 8 = 32). README: "Beyond one machine".
 """
 
 from __future__ import annotations
@@ -87,11 +87,13 @@ def fit(
     """Train the trainable parameters of ``model``.
 
     ``batches(epoch)`` yields that epoch's batches (the task decides shuffling, seeded by epoch);
-    ``steps_per_epoch`` is the number of batches per epoch, so the schedule is known up front.
+    ``steps_per_epoch`` is the number of batches per epoch, so the schedule is known up front. Batches may live on
+    the CPU: each is moved to the trainable parameters' device as it is used.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: the model has no trainable parameters")
+    device = params[0].device
     total_batches = max(1, round(optim.epochs * steps_per_epoch))
     total_steps = math.ceil(total_batches / optim.grad_accumulation)
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
@@ -111,7 +113,7 @@ def fit(
                     break
                 step_ends = (seen + 1) % optim.grad_accumulation == 0 or seen + 1 == total_batches
                 with _synchronized(trained, step_ends):
-                    loss = loss_fn(trained, distributed.shard(batch))
+                    loss = loss_fn(trained, distributed.to_device(distributed.shard(batch), device))
                     (loss / optim.grad_accumulation).backward()
                 running = running + loss.detach().float()  # stays on device: no sync per step
                 running_n += 1

@@ -4,6 +4,7 @@ every rank holds the same adapters after init and after DDP training steps.
     torchrun --nproc_per_node 2 tests/test_distributed.py OUT     # the worker half of this file (run by the test)
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -148,6 +149,36 @@ def test_a_world_size_that_does_not_divide_the_batch_is_a_clear_error(ranks):
         assert "cannot be split over 2 processes" in (r["odd_error"] or "")
 
 
+RECIPE = [  # the language recipe's 2-step smoke run (tests/test_language_recipe.py), EVA at rank 2
+    "task=math", "init=eva", "lora.r=2", "task.train.limit=40", "task.eval_limit=4", "data.batch_size=16",
+    "data.eval_batch_size=4", "calibration.batches=2", "calibration.batch_size=8", "optim.log_every=1",
+]
+
+
+@pytest.mark.slow  # a 2-process torchrun of the language recipe (~1 min on 2 cores)
+def test_a_recipe_under_torchrun_writes_one_record_that_matches_one_process(tmp_path):
+    """Each rank takes its slice of every calibration and training batch; rank 0 alone locks and writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "EVA_BENCH_CACHE": str(tmp_path / "cache")}
+    records = {}
+    for name, launcher in [("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                 str(WORLD)])]:
+        command = [sys.executable, *launcher, "-m", "tasks.language.train", *RECIPE, f"results_dir={tmp_path / name}"]
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        written = list((tmp_path / name / "dev").glob("*.json"))
+        assert len(written) == 1, written
+        records[name] = json.loads(written[0].read_text())
+    one, two = records["one"], records["two"]
+    assert one["status"] == two["status"] == "success" and one["run"] == two["run"]  # the same run id
+    assert two["init_report"]["ranks"] == one["init_report"]["ranks"]  # EVA's allocation on the union of the slices
+    variance = one["init_report"]["details"]["explained_variance"]
+    assert variance and all(abs(two["init_report"]["details"]["explained_variance"][k] - v) < 1e-4
+                            for k, v in variance.items())
+    # DDP averages per-rank mean losses: a token-weighted mean in one process, so close, not equal
+    assert two["train"]["optimizer_steps"] == one["train"]["optimizer_steps"] == 2
+    assert abs(two["metrics"]["gsm8k/nll"] - one["metrics"]["gsm8k/nll"]) < 0.01
+
+
 def test_the_helpers_are_no_ops_in_one_process():
     from eva_bench import distributed
 
@@ -156,6 +187,12 @@ def test_the_helpers_are_no_ops_in_one_process():
     assert distributed.shard(batch) is batch and distributed.sum_int(5) == 5
     rows = torch.ones(3, 2)
     assert distributed.cat_rows(rows) is rows and distributed.sum_tensor(rows) is rows
+    assert distributed.from_rank0(True) is True and distributed.device("cpu") == torch.device("cpu")
+    nested = {"a": [torch.ones(1), (torch.zeros(2), "text")]}
+    moved = distributed.to_device(nested, torch.device("cpu"))
+    assert moved["a"][0] is nested["a"][0] and moved["a"][1][1] == "text"  # already there: the same tensors
+    with distributed.local():
+        assert not distributed.is_distributed()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, build, check_domain, initialize_from_config, seed_everything, set_threads
+from eva_bench.recipe import (RunContext, build, check_domain, initialize_from_config, place, seed_everything,
+                              set_threads)
 from eva_bench.train import OptimConfig, fit
 from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
@@ -36,6 +37,7 @@ def run(cfg: DictConfig) -> dict:
 
         # build: the pretrained model and the tokenized training split
         model, tokenizer = build(cfg.model.load)
+        model = place(model, cfg)  # on this rank's device; gradient checkpointing if the model config asks
         model.config.use_cache = False  # training: no KV cache
         pad_id = tokenizer.pad_token_id
         # a selection run holds out a validation split of the training data; test data never enters selection

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
+from eva_bench.distributed import to_device
+
 BLOCK_LAYERS = r".*\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"  # the GPT-2 blocks' Conv1D layers
 # (the embeddings and heads see (batch, steps) rows, not the blocks' (batch, 3 * steps): adapters go on the blocks)
 
@@ -53,9 +55,10 @@ def mean_action_loss(model, windows, batch_size: int = 256) -> float:
     the tuned protocol's validation score on held-out episodes."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        batch = windows.batch(range(start, min(start + batch_size, len(windows))))
+        batch = to_device(windows.batch(range(start, min(start + batch_size, len(windows)))), device)
         mask = batch["attention_mask"].bool()
         total += float(((forward(model, batch) - batch["actions"]) ** 2).mean(-1)[mask].sum())
         count += int(mask.sum())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from eva_bench import distributed
 from eva_bench.assets import cache_dir
 from eva_bench.locks import exclusive
 from eva_bench.recipe import seed_everything
@@ -68,7 +69,8 @@ def pretrained(cfg: DictConfig):
         if not (path / "meta.json").exists():
             if path.exists():
                 shutil.rmtree(path)  # a killed build
-            _pretrain(cfg, path)
+            with distributed.local():  # under torchrun one rank builds it alone while the others wait on the lock
+                _pretrain(cfg, path)
     from transformers import DecisionTransformerModel
 
     meta = json.loads((path / "meta.json").read_text())
@@ -82,7 +84,7 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
     datasets = rl_data.expert_datasets(specs, n_jobs=cfg.task.get("data_jobs", 1))
     episodes = [ep for d in datasets for ep in rl_data.load_episodes(d)]
     windows = SequenceDataset(episodes, cfg.model.context, cfg.task.return_scale)
-    model = build_model(cfg)
+    model = build_model(cfg).to(distributed.device(cfg.get("device")))  # paper scale: pretrain on the GPU
     schedule = cfg.model.pretrain
     print(f"pretraining the decision transformer on {len(specs)} tasks ({len(windows)} windows), {schedule.steps} steps")
     result = fit(

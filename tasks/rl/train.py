@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, check_domain, initialize_from_config, seed_everything, set_threads
+from eva_bench.recipe import RunContext, check_domain, initialize_from_config, place, seed_everything, set_threads
 from eva_bench.train import OptimConfig, fit
 from tasks.rl import data as rl_data
 from tasks.rl import envs, models
@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> dict:
 
         # build: the pretrained DT (cached by config hash) and the held-out task's expert data in its input convention
         model, meta = pretrained(cfg)
+        model = place(model, cfg)  # on this rank's device
         seed_everything(cfg.seed)
         task = cfg.task.finetune
         spec = expert_spec(cfg, task)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eva_bench import distributed
 from eva_bench.assets import cache_dir, require_hub
 from eva_bench.locks import exclusive
 from eva_bench.train import OptimConfig, fit
@@ -80,7 +81,8 @@ def pretrained_tiny_vit(name: str, architecture: dict, pretrain: dict, threads: 
     with exclusive(folder.with_suffix(".lock")):  # many runs may start together: one builds, the others wait
         meta = _valid_cache(folder)
         if meta is None:
-            meta = _pretrain(folder, spec, threads)
+            with distributed.local():  # under torchrun one rank builds it alone while the others wait on the lock
+                meta = _pretrain(folder, spec, threads)
     model = tiny_vit(**architecture, num_classes=10)
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
     info = {"cache": str(folder), **{k: meta[k] for k in ("fashion_mnist_test_accuracy", "pretrain_seconds")}}
@@ -186,10 +188,11 @@ def accuracy_and_nll(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """Top-1 accuracy (%) and mean cross-entropy (nats) over prepared images."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct, nll = 0, 0.0
     for i in range(0, len(images), batch_size):
-        logits = model(images[i : i + batch_size]).float()
-        target = labels[i : i + batch_size]
+        logits = model(images[i : i + batch_size].to(device)).float()
+        target = labels[i : i + batch_size].to(device)
         correct += int((logits.argmax(-1) == target).sum())
         nll += float(F.cross_entropy(logits, target, reduction="sum"))
     model.train(was_training)

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, build, check_domain, initialize_from_config, seed_everything, set_threads
+from eva_bench.recipe import (RunContext, build, check_domain, initialize_from_config, place, seed_everything,
+                              set_threads)
 from eva_bench.train import OptimConfig, fit
 from tasks.vision.data import task_group
 from tasks.vision.models import accuracy_and_nll, classification_loss
@@ -39,6 +40,7 @@ def run(cfg: DictConfig) -> dict:
         train_images, test_images = backbone.prepare(task.train_images), backbone.prepare(task.test_images)
         model = backbone.model
         model.reset_classifier(task.num_classes)  # a fresh linear head on the class token, seeded by cfg.seed
+        model = place(model, cfg)  # on this rank's device (images stay on the CPU; each batch moves when used)
         # VTAB-1K: a selection run trains on 800 and is scored on 200 held-out training images; test never enters
         train_idx, validation_idx = protocol.split(cfg, list(range(len(train_images))))
         train_idx = torch.tensor(train_idx)
