@@ -8,6 +8,7 @@ raised before any training starts.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +47,9 @@ def asset(relpath: str | os.PathLike, how_to_get: str = "", fallbacks: tuple[str
     if not path.exists():
         hint = f" {how_to_get}" if how_to_get else ""
         raise MissingAssetError(
-            f"missing asset {relpath!s}: looked for {path}. Set EVA_BENCH_DATA to the offline data root "
-            f"(the repository's ../shared/data; see its SOURCES.md).{hint}"
+            f"missing asset {relpath!s}: looked for {path} on host {socket.gethostname()} "
+            f"(EVA_BENCH_DATA={os.environ.get('EVA_BENCH_DATA', 'unset')}). Set EVA_BENCH_DATA to the offline data "
+            f"root, on a cluster one every node mounts (the repository's ../shared/data; see its SOURCES.md).{hint}"
         )
     return path
 

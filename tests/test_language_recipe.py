@@ -73,10 +73,13 @@ def test_hub_model_offline_is_a_clear_error_before_training(tmp_path, monkeypatc
         run(compose_run(tmp_path, "model=llama2_7b"))
 
 
-def test_missing_asset_names_the_file(tmp_path, monkeypatch):
+def test_missing_asset_names_the_file_and_host_and_leaves_a_failed_record(tmp_path, monkeypatch):
+    """What a cluster job that cannot see the data root leaves: the error in its log and a failed record."""
     monkeypatch.setenv("EVA_BENCH_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="stories260K.bin.*EVA_BENCH_DATA"):
+    with pytest.raises(FileNotFoundError, match="stories260K.bin.*on host .*EVA_BENCH_DATA=.*nowhere"):
         run(compose_run(tmp_path))
+    record = json.loads(next(tmp_path.glob("dev/*.json")).read_text())
+    assert record["status"] == "failed" and "missing asset" in record["error"]
 
 
 def test_killed_sweep_resumes_without_losing_records(tmp_path):
