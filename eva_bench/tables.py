@@ -30,7 +30,7 @@ def method_order(methods) -> list[str]:
 
 
 def lower_is_better(metric: str) -> bool:
-    return metric.endswith("nll") or metric.endswith("loss")
+    return metric.endswith(("nll", "loss", "mse", "errors"))
 
 
 def long_format(records: pd.DataFrame) -> pd.DataFrame:
@@ -149,8 +149,8 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
         f"# {experiment}",
         "",
         f"Runs: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}). Cells: mean ± std (n seeds)"
-        " over successful runs; best per row in bold (lowest NLL, highest accuracy). Accuracies in %, NLL in nats"
-        " per answer token.",
+        " over successful runs; best per row in bold (lowest NLL, loss, MSE and error count; highest otherwise)."
+        " Accuracies in %, NLL in nats (language: per answer token), success rates in [0, 1].",
     ]
     if paper_source:
         notes.append(f"Paper columns: {paper_source}; see results/paper/README.md.")

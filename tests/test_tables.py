@@ -87,3 +87,9 @@ def test_ties_are_not_bold_and_tied_bests_all_are():
     x, y = table.iloc[0], table.iloc[1]
     assert "**" not in x["random"] + x["eva"]
     assert y["random"].startswith("**") and y["eva"].startswith("**") and "**" not in y["pissa"]
+
+
+def test_which_metrics_are_better_low():
+    assert all(tables.lower_is_better(m) for m in ("gsm8k/nll", "train/loss", "validation/action_mse",
+                                                    "rollout/errors"))
+    assert not any(tables.lower_is_better(m) for m in ("test/accuracy", "rollout/success_rate", "rollout/return"))
