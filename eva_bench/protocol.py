@@ -95,7 +95,8 @@ def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | N
 
     ``lock``: a file shared by every seed of this method x rank (``lock_path``): a run that finds another one
     selecting waits, then reuses its records instead of training the same selection runs at the same time.
-    ``metric``: the selection runs' validation metric (lower is better). A diverged selection run scores +inf; if every lr diverged there is nothing to choose and that is an error.
+    ``metric``: the selection runs' validation metric (lower is better). A diverged selection run scores +inf; if
+    every lr diverged there is nothing to choose and that is an error.
     """
     scores = {}
     with exclusive(lock) if lock is not None else contextlib.nullcontext():
@@ -129,8 +130,8 @@ def lock_path(record_path: Path, run: dict) -> Path:
 def prepare(cfg: DictConfig, ctx, run: Callable[[DictConfig], dict],
             metric: str = VALIDATION_METRIC) -> tuple[DictConfig, dict | None]:
     """What a recipe does before it trains: check the protocol, and under ``tuned`` let a final run first run (or
-    reuse) its selection runs through ``run`` and take the lr with the lowest ``metric``. Returns the config to train with and the
-    selection (None under ``fixed`` and for a selection run itself)."""
+    reuse) its selection runs through ``run`` and take the lr with the lowest ``metric``. Returns the config to train
+    with and the selection (None under ``fixed`` and for a selection run itself)."""
     check(cfg)
     if not (is_tuned(cfg) and stage(cfg) == "final"):
         return cfg, None

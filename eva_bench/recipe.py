@@ -84,7 +84,7 @@ def place(model, cfg: DictConfig):
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError(f"model.gradient_checkpointing: {type(model).__name__} is not a transformers model")
         model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()  # PEFT freezes the embeddings: checkpointed blocks need a grad input
+        model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input (frozen embeddings)
     return model.to(distributed.device(cfg.get("device")))
 
 
@@ -211,6 +211,8 @@ class Recorder:
         self.tracker.log({f"eval/{k}": v for k, v in metrics.items()})
 
     def finish(self, status: str, error: str | None = None) -> dict:
+        if distributed.rank() != 0:  # rank 0 writes the job's record; the others skip its provenance
+            return {"run": self.ctx.run, "status": status, "error": error, "metrics": self.body.pop("metrics", {})}
         record = {
             "run": self.ctx.run,
             "status": status,
@@ -224,8 +226,6 @@ class Recorder:
             "started_at": self.started_at,
             "finished_at": results.now(),
         }
-        if distributed.rank() != 0:
-            return record  # rank 0 writes the job's record
         results.write_record(self.ctx.path, record)
         self.tracker.summary({"status": status, **record["metrics"]})
         self.tracker.finish(status)

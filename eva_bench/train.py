@@ -10,8 +10,8 @@ every rank iterates the same global batches (the task's seeded order), takes its
 Logged losses are averaged over ranks, so every rank sees the same curve and stops (or diverges) at the same step.
 In one process nothing of this runs: the loop is the plain one.
 
-For 7B models on one GPU: the model in bf16 (``model.load.dtype``), gradient checkpointing (``model.
-gradient_checkpointing``: the recipe calls ``gradient_checkpointing_enable()`` and ``enable_input_require_grads()``
+For 7B models on one GPU: the model in bf16 (``model.load.dtype``), gradient checkpointing
+(``model.gradient_checkpointing``: the recipe calls ``gradient_checkpointing_enable()`` and ``enable_input_require_grads()``
 before PEFT wraps the model, so checkpointed blocks see a grad-requiring input), and the paper's effective batch
 through ``grad_accumulation`` (e.g. micro-batch 4 x 8 = 32). README: "Beyond one machine".
 """

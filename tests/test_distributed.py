@@ -179,6 +179,25 @@ def test_a_recipe_under_torchrun_writes_one_record_that_matches_one_process(tmp_
     assert abs(two["metrics"]["gsm8k/nll"] - one["metrics"]["gsm8k/nll"]) < 0.01
 
 
+def test_initialize_from_config_hands_each_rank_its_slice_of_every_calibration_batch(monkeypatch):
+    """Rank 1 of 2 (simulated): the initializer sees the second half of each global batch, on the model's device."""
+    from omegaconf import OmegaConf
+
+    from eva_bench import distributed, init
+    from eva_bench.init import Calibration
+    from eva_bench.recipe import initialize_from_config
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    seen = {}
+    monkeypatch.setattr(init, "initialize", lambda model, method, calibration, **kw: seen.setdefault("cal", calibration))
+    batches = [{"x": torch.arange(4) + 10 * i} for i in range(3)]
+    cfg = OmegaConf.create({"init": {"name": "eva", "params": {}}, "lora": {"r": 2, "alpha": 1, "target_modules": "x"}})
+    initialize_from_config(torch.nn.Linear(2, 2), cfg, Calibration(batches=batches, forward=lambda m, b: None))
+    assert [b["x"].tolist() for b in seen["cal"].batches] == [[2, 3], [12, 13], [22, 23]]
+
+
 def test_the_helpers_are_no_ops_in_one_process():
     from eva_bench import distributed
 

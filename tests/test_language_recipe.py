@@ -1,6 +1,7 @@
 """The language recipe end to end on the real stories260K: a few steps per task, records, resume, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -44,6 +45,17 @@ def test_two_step_smoke_run_writes_a_complete_record(tmp_path, task, init, model
         assert key in record
     written = json.loads(Path(next(tmp_path.glob("dev/*.json"))).read_text())
     assert written["run"]["init"] == init and written["run"]["rank"] == 2
+
+
+def test_gradient_checkpointing_trains_as_without_it(tmp_path):
+    """model.gradient_checkpointing (the 7B configs' setting) recomputes blocks in backward: the same training curve."""
+    plain = run(compose_run(tmp_path / "plain", "task=math", "init=eva", "optim.lr=5e-2"))
+    checkpointed = run(compose_run(tmp_path / "ckpt", "task=math", "init=eva", "optim.lr=5e-2",
+                                   "+model.gradient_checkpointing=true"))
+    assert plain["status"] == checkpointed["status"] == "success"
+    assert checkpointed["config"]["model"]["gradient_checkpointing"] is True
+    for (step, a), (_, b) in zip(plain["train"]["curve"], checkpointed["train"]["curve"], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5), (step, a, b)
 
 
 def test_rerun_skips_finished_and_force_reruns(tmp_path, capsys):

@@ -104,7 +104,8 @@ def expert_datasets(specs: list[ExpertSpec], n_jobs: int = 1) -> list:
         from joblib import Parallel, delayed
 
         # processes even inside a sweep's joblib worker, where joblib's default for a nested Parallel is threads
-        Parallel(n_jobs=n_jobs, backend="loky")(delayed(_build_in_worker)(s, os.environ.get("EVA_BENCH_CACHE")) for s in specs)
+        cache = os.environ.get("EVA_BENCH_CACHE")
+        Parallel(n_jobs=n_jobs, backend="loky")(delayed(_build_in_worker)(s, cache) for s in specs)
     return [expert_dataset(s) for s in specs]
 
 

@@ -59,9 +59,9 @@ def mean_action_loss(model, windows, batch_size: int = 256) -> float:
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         batch = to_device(windows.batch(range(start, min(start + batch_size, len(windows)))), device)
-        mask = batch["attention_mask"].bool()
-        total += float(((forward(model, batch) - batch["actions"]) ** 2).mean(-1)[mask].sum())
-        count += int(mask.sum())
+        timesteps = int(batch["attention_mask"].sum())
+        total += float(action_loss(model, batch)) * timesteps  # action_loss is the batch's per-timestep mean
+        count += timesteps
     model.train(was_training)
     return total / count
 

@@ -4,7 +4,8 @@
     python -m tasks.rl.train -m experiment=rl_cpu      # the CPU default's sweep
 
 Reads top to bottom: skip if done -> (tuned protocol: choose the lr) -> seed -> build (the pretrained DT, cached; the
-task's expert data) -> initialize -> train -> evaluate by rollouts -> record. The pretrained checkpoint is built by the first run that needs it
+task's expert data) -> initialize -> train -> evaluate by rollouts -> record. The pretrained checkpoint is built by
+the first run that needs it
 (tasks/rl/pretrain.py) and shared by every method, rank and seed.
 """
 
@@ -80,9 +81,11 @@ def run(cfg: DictConfig) -> dict:
             return record.finish("diverged")
 
         if validation:  # a selection run is scored on its held-out episodes only; no rollouts
-            held_out = SequenceDataset(validation, cfg.model.context, cfg.task.return_scale, normalizer=meta["normalizer"])
+            held_out = SequenceDataset(validation, cfg.model.context, cfg.task.return_scale,
+                                       normalizer=meta["normalizer"])
             mse = models.mean_action_loss(model, held_out)
-            record.metrics({VALIDATION_METRIC: mse, "validation/n": len(validation), "validation/windows": len(held_out)})
+            record.metrics({VALIDATION_METRIC: mse, "validation/n": len(validation),
+                            "validation/windows": len(held_out)})
             return record.finish("success" if math.isfinite(mse) else "diverged")
 
         # evaluate: rollouts in the task's environment, on goal variations seeded apart from the data's
