@@ -109,12 +109,21 @@ def test_killed_sweep_resumes_without_losing_records(tmp_path):
     done = {p.name: p.read_text() for p in tmp_path.glob("dev/*.json")}
     assert len(done) >= 1  # a kill mid-write can leave only a hidden .tmp file, never a partial record
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stdout.count("skip (finished record exists)") == len(done)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    # the sweeper launches only the missing runs (hydra/sweeper=skip_finished); none of them finds a finished record
+    assert f"{len(done)} of 3 runs have a finished record: launching {3 - len(done)}" in log
+    assert "skip (finished record exists)" not in log
     records = [json.loads(p.read_text()) for p in tmp_path.glob("dev/*.json")]
     assert sorted(r["run"]["seed"] for r in records) == [0, 1, 2] and all(r["status"] == "success" for r in records)
     for name, text in done.items():
         assert (tmp_path / "dev" / name).read_text() == text  # finished records untouched
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "3 of 3 runs have a finished record: launching 0" in again.stdout + again.stderr
+    one_forced = [("seed=0" if arg == "seed=0,1,2" else arg) for arg in cmd] + ["force=true"]
+    forced = subprocess.run(one_forced, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert forced.returncode == 0 and "0 of 1 runs have a finished record: launching 1" in forced.stdout + forced.stderr
 
 
 def test_wandb_logger_runs_offline_and_a_wandb_failure_never_kills_a_run(tmp_path, monkeypatch):

@@ -24,9 +24,14 @@ from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
 
 
-def run(cfg: DictConfig) -> dict:
+def context(cfg: DictConfig) -> RunContext:
+    """This run's record: its keys and path (the sweeper asks too, to launch only unfinished runs)."""
     check_domain(cfg, "language")
-    ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name)
+    return RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name)
+
+
+def run(cfg: DictConfig) -> dict:
+    ctx = context(cfg)
     if ctx.finished():
         return ctx.existing()
     cfg, selection = protocol.prepare(cfg, ctx, run)  # tuned: selection runs first (recorded, reused)

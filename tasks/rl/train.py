@@ -30,9 +30,15 @@ from tasks.rl.sequences import SequenceDataset
 VALIDATION_METRIC = "validation/action_mse"  # tuned protocol: action MSE on held-out expert episodes, lower is better
 
 
-def run(cfg: DictConfig) -> dict:
+def context(cfg: DictConfig) -> RunContext:
+    """This run's record: its keys and path (the sweeper asks too, to launch only unfinished runs); tables average
+    over the held-out tasks of a task group."""
     check_domain(cfg, "rl")  # a language or vision option in an RL run fails before any work
-    ctx = RunContext.from_config(cfg, task=cfg.task.finetune, model=cfg.model.name, task_group=cfg.task.name)  # tables: mean over held-out tasks
+    return RunContext.from_config(cfg, task=cfg.task.finetune, model=cfg.model.name, task_group=cfg.task.name)
+
+
+def run(cfg: DictConfig) -> dict:
+    ctx = context(cfg)
     if ctx.finished():
         return ctx.existing()
     cfg, selection = protocol.prepare(cfg, ctx, run, metric=VALIDATION_METRIC)  # tuned: selection runs first

@@ -23,9 +23,16 @@ from eva_bench.train import OptimConfig, fit
 from tasks.vision.data import task_group
 from tasks.vision.models import accuracy_and_nll, classification_loss
 
-def run(cfg: DictConfig) -> dict:
+
+def context(cfg: DictConfig) -> RunContext:
+    """This run's record: its keys and path (the sweeper asks too, to launch only unfinished runs); tables average
+    within VTAB groups."""
     check_domain(cfg, "vision")
-    ctx = RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name, task_group=task_group(cfg.task.name))
+    return RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name, task_group=task_group(cfg.task.name))
+
+
+def run(cfg: DictConfig) -> dict:
+    ctx = context(cfg)
     if ctx.finished():
         return ctx.existing()
     cfg, selection = protocol.prepare(cfg, ctx, run)  # tuned: selection runs first (recorded, reused)
