@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import random
 import time
 import traceback
@@ -32,7 +31,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, results
+from . import distributed, locks, results
 from .tracking import make_tracker
 
 
@@ -141,20 +140,14 @@ class RunContext:
     def _claim(self) -> None:
         if getattr(self, "_lock", None) is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path.with_suffix(".lock"), "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting: another job is running {self.path.stem}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle = locks.hold(self.path.with_suffix(".lock"), waiting=f"waiting: another job is running {self.path.stem}")
         self._lock = handle
         weakref.finalize(self, handle.close)  # a recipe that fails before recording() still lets the lock go
 
     def _release(self) -> None:
         handle, self._lock = getattr(self, "_lock", None), None
         if handle is not None:
-            handle.close()  # closing the file releases the flock
+            handle.close()  # closing the file releases the lock
 
     def existing(self) -> dict:
         return results.read_record(self.path)
