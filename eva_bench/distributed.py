@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -132,6 +132,26 @@ def cat_rows(rows: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded.contiguous())
     return torch.cat([g[:n] for g, n in zip(gathered, counts)])
+
+
+def spread(items: Sequence, compute: Callable[[list], list]) -> list:
+    """``compute(items)`` (one result per item, in order) with the items spread over the ranks: each rank computes
+    every world_size-th item from its own rank on, and every rank gets all the results back in the items' order, so a
+    caller reduces them exactly as one process would. For work without collectives inside (evaluation: generation,
+    scoring, rollouts), which then costs each rank 1 / world_size of the time."""
+    if not is_distributed():
+        return list(compute(list(items)))
+    mine = list(range(rank(), len(items), world_size()))
+    results = list(compute([items[i] for i in mine]))
+    if len(results) != len(mine):
+        raise ValueError(f"spread: compute returned {len(results)} results for {len(mine)} items")
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, (mine, results))
+    out: list = [None] * len(items)
+    for indices, values in gathered:
+        for i, value in zip(indices, values):
+            out[i] = value
+    return out
 
 
 def broadcast_trainable(model: nn.Module) -> None:

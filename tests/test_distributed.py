@@ -64,6 +64,21 @@ def init_both(batches) -> dict:
     }
 
 
+def evaluate_tiny() -> dict:
+    """The language evaluators (each rank its share of the examples) on 5 GSM8K and 3 BoolQ test examples with
+    stories260K."""
+    from tasks.language import data, evaluate
+    from tasks.language.models import stories260k
+
+    model, tokenizer = stories260k()
+    math, boolq = data.gsm8k_test(limit=5), data.commonsense_test("boolq", limit=3)
+    generated = evaluate.generation_accuracy(model, tokenizer, math, evaluate.gsm8k_correct, max_new_tokens=4,
+                                             batch_size=2, keep_outputs=True)
+    return {"outputs": generated["outputs"], "n": generated["n"],
+            "nll": evaluate.answer_nll(model, tokenizer, math, batch_size=2)["nll"],
+            "choice": evaluate.choice_accuracy(model, tokenizer, boolq, batch_size=2)["accuracy"]}
+
+
 def worker(out: Path) -> None:
     import torch.distributed as dist
 
@@ -91,6 +106,12 @@ def worker(out: Path) -> None:
                      OptimConfig(lr=1e-2, log_every=1, grad_accumulation=1), steps_per_epoch=3)
     result["trained"] = adapters(model)
     result["curve"] = fit_result.curve
+
+    # evaluation: each rank computes its share of 5 items (uneven), every rank gets all results in order
+    computed = []
+    result["spread"] = distributed.spread(list("abcde"), lambda share: computed.extend(share) or [x * 2 for x in share])
+    result["computed"] = computed
+    result["eval"] = evaluate_tiny()
 
     try:  # a global batch of 3 cannot be split over 2 ranks: a clear error on every rank, no hang
         odd = [{k: v[:3] for k, v in train[0].items()}]
@@ -126,7 +147,7 @@ def _equal(a: dict, b: dict) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
-@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these three tests
+@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these tests
 def test_eva_components_and_lora_da_factors_equal_one_process_on_the_union(ranks):
     single = init_both(global_batches())
     assert ranks[0]["eva_ranks"] == single["eva_ranks"]
@@ -136,14 +157,25 @@ def test_eva_components_and_lora_da_factors_equal_one_process_on_the_union(ranks
     _close(ranks[0]["lora_da"], single["lora_da"], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these three tests
+@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these tests
 def test_every_rank_ends_init_and_training_with_identical_adapters(ranks):
     for key in ("eva", "lora_da", "trained"):
         _equal(ranks[0][key], ranks[1][key])
     assert ranks[0]["curve"] == ranks[1]["curve"] and len(ranks[0]["curve"]) == 3
 
 
-@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these three tests
+@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these tests
+def test_evaluation_is_spread_over_the_ranks_and_equals_one_process(ranks):
+    assert ranks[0]["computed"] == ["a", "c", "e"] and ranks[1]["computed"] == ["b", "d"]
+    assert ranks[0]["spread"] == ranks[1]["spread"] == ["aa", "bb", "cc", "dd", "ee"]
+    single = evaluate_tiny()
+    for r in ranks:  # greedy outputs and choices exactly; the NLL up to batching's float rounding (other pad widths)
+        assert r["eval"]["outputs"] == single["outputs"] and r["eval"]["n"] == single["n"] == 5
+        assert r["eval"]["choice"] == single["choice"]
+        assert r["eval"]["nll"] == pytest.approx(single["nll"], rel=1e-5)
+
+
+@pytest.mark.slow  # one 2-process torchrun (~40 s on 2 shared cores), shared by these tests
 def test_a_world_size_that_does_not_divide_the_batch_is_a_clear_error(ranks):
     for r in ranks:
         assert "cannot be split over 2 processes" in (r["odd_error"] or "")

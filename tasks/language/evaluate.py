@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from eva_bench import distributed
 from tasks.language.data import Example, collate, gsm8k_final, prompt_ids, target_ids, tokenize
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,40 +270,48 @@ def generation_accuracy(
 
     Prompts are left-padded by hand (same ids as :func:`~tasks.language.data.prompt_ids`, so generation is
     conditioned exactly as training was; the tokenizer's padding side is never touched), batches are formed from
-    prompts of similar length to waste little compute on padding, and only the new tokens are decoded.
+    prompts of similar length to waste little compute on padding, and only the new tokens are decoded. Under
+    torchrun each rank generates its share of the examples (:func:`eva_bench.distributed.spread`).
     Returns ``{"accuracy", "n"}`` (plus ``"outputs"`` in the examples' order when ``keep_outputs``).
     """
-    device, pad_id = _device(model), _pad_id(tokenizer)
-    ids = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
-    outputs: list[str] = [""] * len(examples)
-    correct = 0
+    def generate(share):
+        return _greedy(model, tokenizer, share, max_new_tokens, batch_size)
+
     with _EvalMode(model):
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
-                attention_mask[r, width - len(ids[i]):] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-            )
-            texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-            for i, text in zip(rows, texts):
-                outputs[i] = text
-                correct += bool(score(text, examples[i]))
+        outputs = distributed.spread(examples, generate)
+    correct = sum(bool(score(text, example)) for text, example in zip(outputs, examples))
     result: dict[str, Any] = {"accuracy": correct / len(examples) if examples else 0.0, "n": len(examples)}
     if keep_outputs:
         result["outputs"] = outputs
     return result
+
+
+def _greedy(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Each example's greedy continuation of its prompt (new tokens only, decoded), in the examples' order."""
+    device, pad_id = _device(model), _pad_id(tokenizer)
+    ids = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
+    outputs: list[str] = [""] * len(examples)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
+            attention_mask[r, width - len(ids[i]):] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        for i, text in zip(rows, tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)):
+            outputs[i] = text
+    return outputs
 
 
 def _target_logprobs(model, features: Sequence[dict], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
@@ -325,6 +334,11 @@ def _target_logprobs(model, features: Sequence[dict], pad_id: int, batch_size: i
     return results
 
 
+def _scores(model, features: Sequence[dict], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
+    """:func:`_target_logprobs` of every feature, each rank scoring its share under torchrun."""
+    return distributed.spread(features, lambda share: _target_logprobs(model, share, pad_id, batch_size))
+
+
 @torch.inference_mode()
 def answer_nll(
     model, tokenizer, examples: Sequence[Example], max_length: int = 512, batch_size: int = 16
@@ -337,7 +351,7 @@ def answer_nll(
     """
     features = tokenize(examples, tokenizer, max_length)
     with _EvalMode(model):
-        scores = _target_logprobs(model, features, _pad_id(tokenizer), batch_size)
+        scores = _scores(model, features, _pad_id(tokenizer), batch_size)
     total = sum(s for s, _ in scores)
     tokens = sum(c for _, c in scores)
     return {"nll": -total / tokens if tokens else float("nan"), "tokens": tokens, "n": len(features)}
@@ -370,7 +384,7 @@ def choice_accuracy(model, tokenizer, examples: Sequence[Example], batch_size: i
             features.append({"input_ids": p + t, "labels": [-100] * len(p) + t})
             owner.append(k)
     with _EvalMode(model):
-        scores = _target_logprobs(model, features, _pad_id(tokenizer), batch_size)
+        scores = _scores(model, features, _pad_id(tokenizer), batch_size)
     best: dict[int, tuple[float, int]] = {}  # example -> (best score, index of its choice)
     seen: dict[int, int] = {}
     for k, (s, _) in zip(owner, scores):

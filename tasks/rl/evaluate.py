@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eva_bench import distributed
 from tasks.rl import envs
 from tasks.rl.models import forward
 from tasks.rl.sequences import StateNormalizer
@@ -21,11 +22,30 @@ EVAL_STREAM = 1  # seeds evaluation episodes apart from data generation's (SeedS
 @torch.no_grad()
 def rollout(model, task: str, *, normalizer: StateNormalizer, context: int, return_scale: float,
             target_return: float, episodes: int, max_episode_steps: int, seed: int = 0) -> dict:
-    """``episodes`` rollouts of ``model`` in ``task``: success rate, mean return, episodes that raised."""
+    """``episodes`` rollouts of ``model`` in ``task``: success rate, mean return, episodes that raised. Episode i
+    has its own seed, so under torchrun each rank runs its share of the same episodes."""
     model.eval()
+
+    def run_share(indices: list[int]) -> list[tuple[bool, float, str | None]]:
+        runs = [_Episode(envs.make(task, max_episode_steps), seed, i, target_return / return_scale, normalizer)
+                for i in indices]
+        _run_together(model, runs, context, return_scale, max_episode_steps)
+        return [(r.success, r.total, r.error) for r in runs]
+
+    outcomes = distributed.spread(range(episodes), run_share)
+    errors = [error for _, _, error in outcomes if error is not None]
+    return {
+        "success_rate": float(np.mean([success for success, _, _ in outcomes])),
+        "return": float(np.mean([total for _, total, _ in outcomes])),
+        "episodes": episodes,
+        "errors": len(errors),
+        "error_messages": sorted(set(errors)),
+    }
+
+
+def _run_together(model, runs: list, context: int, return_scale: float, max_episode_steps: int) -> None:
+    """Step every episode until it ends: one batched model forward per step for the episodes still running."""
     device = next(model.parameters()).device
-    runs = [_Episode(envs.make(task, max_episode_steps), seed, i, target_return / return_scale, normalizer)
-            for i in range(episodes)]
     for _ in range(max_episode_steps):
         active = [r for r in runs if not r.done]
         if not active:
@@ -37,13 +57,6 @@ def rollout(model, task: str, *, normalizer: StateNormalizer, context: int, retu
             run.step(action, return_scale)
     for run in runs:
         run.env.close()
-    return {
-        "success_rate": float(np.mean([r.success for r in runs])),
-        "return": float(np.mean([r.total for r in runs])),
-        "episodes": episodes,
-        "errors": sum(r.error is not None for r in runs),
-        "error_messages": sorted({r.error for r in runs if r.error}),
-    }
 
 
 class _Episode:

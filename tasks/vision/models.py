@@ -185,15 +185,23 @@ def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy_and_nll(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
-    """Top-1 accuracy (%) and mean cross-entropy (nats) over prepared images."""
+    """Top-1 accuracy (%) and mean cross-entropy (nats) over prepared images (each rank scores its share under
+    torchrun)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct, nll = 0, 0.0
-    for i in range(0, len(images), batch_size):
-        logits = model(images[i : i + batch_size].to(device)).float()
-        target = labels[i : i + batch_size].to(device)
-        correct += int((logits.argmax(-1) == target).sum())
-        nll += float(F.cross_entropy(logits, target, reduction="sum"))
+
+    def score(rows: list[int]) -> list[tuple[bool, float]]:
+        out = []
+        for i in range(0, len(rows), batch_size):
+            chunk = torch.tensor(rows[i : i + batch_size], dtype=torch.long)
+            logits = model(images[chunk].to(device)).float()
+            target = labels[chunk].to(device)
+            hits = (logits.argmax(-1) == target).tolist()
+            out += zip(hits, F.cross_entropy(logits, target, reduction="none").tolist())
+        return out
+
+    scores = distributed.spread(range(len(images)), score)
     model.train(was_training)
-    return {"accuracy": 100.0 * correct / len(images), "nll": nll / len(images)}
+    hits, nlls = zip(*scores) if scores else ((), ())
+    return {"accuracy": 100.0 * sum(hits) / len(images), "nll": sum(nlls) / len(images)}
