@@ -76,9 +76,11 @@ bench: $(STAMP)
 	$(PY) -m bench.rl
 	$(PY) -m bench.vision
 
-# on a GPU machine: LoRA training tokens/s, peak memory and EVA / LoRA-DA init cost at a 1B-class size (bench/gpu.py)
+# on a GPU machine: LoRA training tokens/s, peak memory and EVA / LoRA-DA init cost at a 1B-class size (bench/gpu.py),
+# then the language tables' expected GPU-hours at the rate it measured (bench/gpu_hours.py)
 bench-gpu: $(STAMP)
 	$(PY) -m bench.gpu
+	$(PY) -m bench.gpu_hours --measured $$(ls -t bench/results/gpu-*.json | head -1)
 
 generate: $(STAMP)
 	$(PY) -m tasks.language.generate --prompt "Once upon a time"

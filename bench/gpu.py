@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import machine
 from eva_bench.init import Calibration, initialize
+from eva_bench.recipe import checkpoint_activations
 from eva_bench.train import OptimConfig, fit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -79,8 +80,7 @@ def reset_peak(device) -> None:
 def time_training(size, device, dtype, batches, checkpointing: bool) -> dict:
     model = build(size, device, dtype)
     if checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()  # PEFT: checkpointed blocks need a grad-requiring input
+        checkpoint_activations(model)  # as the recipe does for model.gradient_checkpointing: true
     model, _ = initialize(model, "random", rank=16, alpha=32, target_modules=TARGETS, calibration=calibration(batches[:1]))
     loss = lambda m, b: m(**b).loss  # noqa: E731
     fit(model, lambda e: iter(batches[:2]), loss, OptimConfig(lr=1e-4, log_every=100), steps_per_epoch=2)  # warm-up

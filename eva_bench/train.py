@@ -11,9 +11,9 @@ Logged losses are averaged over ranks, so every rank sees the same curve and sto
 In one process nothing of this runs: the loop is the plain one.
 
 For 7B models on one GPU: the model in bf16 (``model.load.dtype``), gradient checkpointing
-(``model.gradient_checkpointing``: the recipe calls ``gradient_checkpointing_enable()`` and ``enable_input_require_grads()``
-before PEFT wraps the model, so checkpointed blocks see a grad-requiring input), and the paper's effective batch
-through ``grad_accumulation`` (e.g. micro-batch 4 x 8 = 32). README: "Beyond one machine".
+(``model.gradient_checkpointing``: ``recipe.checkpoint_activations`` before PEFT wraps the model, so checkpointed
+blocks see a grad-requiring input), and the paper's effective batch through ``grad_accumulation`` (e.g. micro-batch
+4 x 8 = 32). README: "Beyond one machine".
 """
 
 from __future__ import annotations
