@@ -76,23 +76,16 @@ def vit_setup(batches: int) -> dict:
 def stories260k_setup() -> dict:
     from tasks.language import data as language_data
     from tasks.language.models import stories260k
-    from tasks.language.train import calibration_batches, causal_lm_loss
+    from tasks.language.train import calibration_batches, lm_calibration
 
     model, tokenizer = stories260k()
     model.config.use_cache = False  # as the recipe calibrates
     examples = language_data.math_train(source="gsm8k", limit=512, seed=0)  # conf/task/math.yaml
     features = language_data.tokenize(examples, tokenizer, 384)  # data.max_length
     batches = calibration_batches(features, SimpleNamespace(batches=16, batch_size=16), tokenizer.pad_token_id, 0)
-    calibration = Calibration(
-        batches=batches,
-        forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
-        loss=causal_lm_loss,
-        rows=lambda b: b["attention_mask"],
-        loss_rows=lambda b: b["labels"] != -100,
-    )
     return {
         "model": model.eval(),
-        "calibration": calibration,
+        "calibration": lm_calibration(batches),
         "rank": 8,
         "targets": "all-linear",
         "describe": "stories260K, 16 batches of 16 GSM8K train examples (max length 384), all-linear, r=8, rho=2",

@@ -24,9 +24,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import machine
-from eva_bench.init import Calibration, initialize
+from eva_bench.init import initialize
 from eva_bench.recipe import checkpoint_activations
 from eva_bench.train import OptimConfig, fit
+from tasks.language.train import lm_calibration
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,16 +53,6 @@ def token_batches(n: int, batch: int, seq: int, vocab: int, device) -> list[dict
     return out
 
 
-def calibration(batches) -> Calibration:
-    return Calibration(
-        batches=batches,
-        forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
-        loss=lambda m, b: m(**b).loss,
-        rows=lambda b: b["attention_mask"],
-        loss_rows=lambda b: b["labels"] != -100,
-    )
-
-
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -81,7 +72,8 @@ def time_training(size, device, dtype, batches, checkpointing: bool) -> dict:
     model = build(size, device, dtype)
     if checkpointing:
         checkpoint_activations(model)  # as the recipe does for model.gradient_checkpointing: true
-    model, _ = initialize(model, "random", rank=16, alpha=32, target_modules=TARGETS, calibration=calibration(batches[:1]))
+    model, _ = initialize(model, "random", rank=16, alpha=32, target_modules=TARGETS,
+                          calibration=lm_calibration(batches[:1]))
     loss = lambda m, b: m(**b).loss  # noqa: E731
     fit(model, lambda e: iter(batches[:2]), loss, OptimConfig(lr=1e-4, log_every=100), steps_per_epoch=2)  # warm-up
     reset_peak(device)
@@ -109,8 +101,8 @@ def time_init(size, device, dtype, batches, method: str, params: dict) -> dict:
     forwards = time.perf_counter() - start
     reset_peak(device)
     start = time.perf_counter()
-    _, report = initialize(model, method, rank=16, alpha=32, target_modules=TARGETS, calibration=calibration(batches),
-                           **params)
+    _, report = initialize(model, method, rank=16, alpha=32, target_modules=TARGETS,
+                           calibration=lm_calibration(batches), **params)
     sync(device)
     seconds = time.perf_counter() - start
     out = {"seconds": seconds, "forwards_seconds": forwards, "ratio_to_forwards": seconds / forwards,

@@ -35,11 +35,11 @@ from types import SimpleNamespace
 import torch
 
 from bench import machine
-from eva_bench.init import INITS, Calibration, initialize
+from eva_bench.init import INITS, initialize
 from eva_bench.train import OptimConfig, fit
 from tasks.language import data as language_data
 from tasks.language.models import stories260k
-from tasks.language.train import calibration_batches, causal_lm_loss
+from tasks.language.train import calibration_batches, causal_lm_loss, lm_calibration
 
 # The recipe's settings (see the config files named in the module docstring).
 MAX_LENGTH = 384  # data.max_length
@@ -241,13 +241,7 @@ def run_eva(base, batches, method: str) -> dict:
         pass_batches.append(index[batch["input_ids"].data_ptr()])
         return out
 
-    calibration = Calibration(  # as in tasks/language/train.py, but with the timed forward
-        batches=batches,
-        forward=timed_forward,
-        loss=causal_lm_loss,
-        rows=lambda b: b["attention_mask"],
-        loss_rows=lambda b: b["labels"] != -100,
-    )
+    calibration = dataclasses.replace(lm_calibration(batches), forward=timed_forward)  # the recipe's, forward timed
     # an on-disk statistics cache would skip the forwards on a repeat: measure the computation, not the cache
     accepted = inspect.signature(INITS[method].apply).parameters
     params = {"cache": False} if "cache" in accepted else {}

@@ -1,9 +1,9 @@
 """What every task recipe does around its own steps: find its record, skip if done, seed, record, track.
 
-    ctx = RunContext.from_config(cfg, task="math", model="stories260k")
+    ctx = RunContext.from_config(cfg, "language", task="math", model="stories260k")
     if ctx.finished():
         return ctx.existing()
-    with ctx.recording() as record:
+    with ctx.recording(selection) as record:
         ...; record.init(report); record.train(fit_result); record.metrics(metrics)
         return record.finish("success")
 
@@ -112,9 +112,11 @@ class RunContext:
     path: object  # the record's path
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, *, task: str, model: str, **keys) -> RunContext:
-        """``keys``: further run keys tables group by (vision: ``task_group``, to average within VTAB groups).
+    def from_config(cls, cfg: DictConfig, domain: str, *, task: str, model: str, **keys) -> RunContext:
+        """The record of a ``domain`` recipe's run (``check_domain``: another module's option is an error here).
+        ``keys``: further run keys tables group by (vision: ``task_group``, to average within VTAB groups).
         Under torchrun this process first joins the job's process group."""
+        check_domain(cfg, domain)
         distributed.setup()
         config = OmegaConf.to_container(cfg, resolve=True)
         run = {
@@ -159,7 +161,10 @@ class RunContext:
         return results.read_record(self.path)
 
     @contextlib.contextmanager
-    def recording(self):
+    def recording(self, selection: dict | None = None):
+        """The run's record, written when the block ends (``failed`` with the traceback if it raises). It holds the
+        tuned protocol's lr ``selection`` (None under the fixed protocol); torch's threads are pinned to the run's
+        ``threads`` for the block."""
         leader = distributed.rank() == 0  # the other ranks of a torchrun job neither lock, log nor write
         if leader:
             self._claim()  # no-op after finished(); a recipe that never asked still gets the record to itself
@@ -167,6 +172,8 @@ class RunContext:
         kind = logger.pop("kind", "none")
         tracker = make_tracker(kind, group=self.run["experiment"], name=self.path.stem, config=self.config, **logger)
         record = Recorder(self, tracker)
+        record.protocol(selection)
+        set_threads(self.config.get("threads"))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from eva_bench.init import Calibration  # noqa: E402
+from tasks.language.train import lm_calibration  # noqa: E402,F401 (the tests' calibration: the language recipe's)
 
 
 @pytest.fixture(autouse=True)
@@ -41,16 +41,6 @@ def token_batches(n: int = 6, batch: int = 4, length: int = 16, seed: int = 0) -
         labels[mask == 0] = -100
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
-
-
-def lm_calibration(batches) -> Calibration:
-    return Calibration(
-        batches=batches,
-        forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
-        loss=lambda m, b: m(**b).loss,
-        rows=lambda b: b["attention_mask"],
-        loss_rows=lambda b: b["labels"] != -100,
-    )
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import (RunContext, build, check_domain, initialize_from_config, place, seed_everything,
-                              set_threads)
+from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
 from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
@@ -26,8 +25,7 @@ from tasks.language import evaluate as language_eval
 
 def context(cfg: DictConfig) -> RunContext:
     """This run's record: its keys and path (the sweeper asks too, to launch only unfinished runs)."""
-    check_domain(cfg, "language")
-    return RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name)
+    return RunContext.from_config(cfg, "language", task=cfg.task.name, model=cfg.model.name)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -35,9 +33,7 @@ def run(cfg: DictConfig) -> dict:
     if ctx.finished():
         return ctx.existing()
     cfg, selection = protocol.prepare(cfg, ctx, run)  # tuned: selection runs first (recorded, reused)
-    with ctx.recording() as record:
-        record.protocol(selection)
-        set_threads(cfg.get("threads"))
+    with ctx.recording(selection) as record:  # records the lr selection; pins torch's threads
         seed_everything(cfg.seed)
 
         # build: the pretrained model and the tokenized training split
@@ -51,14 +47,7 @@ def run(cfg: DictConfig) -> dict:
         batch_size = cfg.data.batch_size
 
         # initialize: the same seeded calibration batches for every data-driven method
-        calibration = Calibration(
-            batches=calibration_batches(features, cfg.calibration, pad_id, cfg.seed),
-            forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
-            loss=causal_lm_loss,
-            rows=lambda b: b["attention_mask"],  # every real token (the paper did not mask prompts)
-            loss_rows=lambda b: b["labels"] != -100,  # answer tokens only, for label masking
-            dataset_size=len(features),
-        )
+        calibration = lm_calibration(calibration_batches(features, cfg.calibration, pad_id, cfg.seed), len(features))
         model, report = initialize_from_config(model, cfg, calibration)
         record.init(report)
 
@@ -101,6 +90,19 @@ def run(cfg: DictConfig) -> dict:
 def causal_lm_loss(model, batch) -> torch.Tensor:
     """Mean token cross-entropy on answer tokens (prompt and padding labels are -100)."""
     return model(**batch).loss
+
+
+def lm_calibration(batches: list[dict], dataset_size: int | None = None) -> Calibration:
+    """How the initializer sees a causal LM's batches: the forward pass, the training loss, and which positions are
+    rows of the layer-input statistics."""
+    return Calibration(
+        batches=batches,
+        forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+        loss=causal_lm_loss,
+        rows=lambda b: b["attention_mask"],  # every real token (the paper did not mask prompts)
+        loss_rows=lambda b: b["labels"] != -100,  # answer tokens only, for label masking
+        dataset_size=dataset_size,
+    )
 
 
 def calibration_batches(features, cfg, pad_id: int, seed: int) -> list[dict]:

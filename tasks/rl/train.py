@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, check_domain, initialize_from_config, place, seed_everything, set_threads
+from eva_bench.recipe import RunContext, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
 from tasks.rl import data as rl_data
 from tasks.rl import envs, models
@@ -33,8 +33,7 @@ VALIDATION_METRIC = "validation/action_mse"  # tuned protocol: action MSE on hel
 def context(cfg: DictConfig) -> RunContext:
     """This run's record: its keys and path (the sweeper asks too, to launch only unfinished runs); tables average
     over the held-out tasks of a task group."""
-    check_domain(cfg, "rl")  # a language or vision option in an RL run fails before any work
-    return RunContext.from_config(cfg, task=cfg.task.finetune, model=cfg.model.name, task_group=cfg.task.name)
+    return RunContext.from_config(cfg, "rl", task=cfg.task.finetune, model=cfg.model.name, task_group=cfg.task.name)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -42,10 +41,7 @@ def run(cfg: DictConfig) -> dict:
     if ctx.finished():
         return ctx.existing()
     cfg, selection = protocol.prepare(cfg, ctx, run, metric=VALIDATION_METRIC)  # tuned: selection runs first
-    with ctx.recording() as record:
-        record.protocol(selection)
-        set_threads(cfg.get("threads"))
-
+    with ctx.recording(selection) as record:  # records the lr selection; pins torch's threads
         # build: the pretrained DT (cached by config hash) and the held-out task's expert data in its input convention
         model, meta = pretrained(cfg)
         model = place(model, cfg)  # on this rank's device

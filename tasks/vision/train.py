@@ -17,8 +17,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.init import Calibration
-from eva_bench.recipe import (RunContext, build, check_domain, initialize_from_config, place, seed_everything,
-                              set_threads)
+from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
 from tasks.vision.data import task_group
 from tasks.vision.models import accuracy_and_nll, classification_loss
@@ -27,8 +26,8 @@ from tasks.vision.models import accuracy_and_nll, classification_loss
 def context(cfg: DictConfig) -> RunContext:
     """This run's record: its keys and path (the sweeper asks too, to launch only unfinished runs); tables average
     within VTAB groups."""
-    check_domain(cfg, "vision")
-    return RunContext.from_config(cfg, task=cfg.task.name, model=cfg.model.name, task_group=task_group(cfg.task.name))
+    return RunContext.from_config(cfg, "vision", task=cfg.task.name, model=cfg.model.name,
+                                  task_group=task_group(cfg.task.name))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -36,9 +35,7 @@ def run(cfg: DictConfig) -> dict:
     if ctx.finished():
         return ctx.existing()
     cfg, selection = protocol.prepare(cfg, ctx, run)  # tuned: selection runs first (recorded, reused)
-    with ctx.recording() as record:
-        record.protocol(selection)
-        set_threads(cfg.get("threads"))
+    with ctx.recording(selection) as record:  # records the lr selection; pins torch's threads
         seed_everything(cfg.seed)
 
         # build: the pretrained backbone (cached) and the task's images, prepared for it (size, channels, norm)
