@@ -19,33 +19,43 @@ import errno
 import fcntl
 import os
 import re
+import time
 from pathlib import Path
+
+from . import distributed
 
 MOUNTS = Path("/proc/self/mounts")  # this process's mount table: device, mount point, type, options
 ALLOW_NODE_LOCAL = "EVA_BENCH_NODE_LOCAL_LOCKS"  # =1: every job runs on this one node, node-local locks suffice
+POLL_SECONDS = 5.0  # a torchrun job waiting for a lock re-checks it this often (far below any collective timeout)
 
 
 def hold(path: str | Path, waiting: str | None = None):
     """Open ``path`` (created, with its folder, if missing) and hold an exclusive lock on it until the returned file
     is closed. ``waiting`` is printed when another process holds the lock and this one has to wait."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    check_shared(path.parent)
-    handle = open(path, "a")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                print(waiting, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-    except OSError as error:
-        handle.close()
-        if error.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
-            raise OSError(error.errno, f"the file system under {path.parent} refuses file locks ({error.strerror}); "
-                          "put results_dir and EVA_BENCH_CACHE on one that supports flock (Lustre: mount with "
-                          "-o flock; NFSv3: a running lockd)") from error
-        raise
+    handle = _try_hold(path)
+    if handle is None:
+        if waiting:
+            print(waiting, flush=True)
+        handle = _open(path)
+        _lock(handle, path, fcntl.LOCK_EX)
+    return handle
+
+
+def hold_for_job(path: str | Path, waiting: str | None = None):
+    """``hold`` for a whole torchrun job, called by every rank: rank 0 takes the lock and the other ranks wait with
+    it. Waiting re-checks the lock every POLL_SECONDS, each check a broadcast, so that no rank sits in a collective
+    long enough to reach the process group's timeout (a wait behind another job can last as long as its run).
+    Returns the lock's file on rank 0 (close it to release) and None on the others; in one process, ``hold``."""
+    if not distributed.is_distributed():
+        return hold(path, waiting)
+    leader = distributed.rank() == 0
+    handle = _try_hold(path) if leader else None
+    if leader and handle is None and waiting:
+        print(waiting, flush=True)
+    while not distributed.from_rank0(handle is not None):
+        time.sleep(POLL_SECONDS)
+        if leader:
+            handle = _try_hold(path)
     return handle
 
 
@@ -57,6 +67,49 @@ def exclusive(path: str | Path):
         yield
     finally:
         handle.close()  # closing the file releases the lock
+
+
+@contextlib.contextmanager
+def exclusive_for_job(path: str | Path):
+    """``exclusive`` for a whole torchrun job (``hold_for_job``): every rank enters the block once rank 0 holds it."""
+    handle = hold_for_job(path)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _open(path: str | Path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_shared(path.parent)
+    return open(path, "a")
+
+
+def _try_hold(path: str | Path):
+    """The lock's open file if the lock was free (now held), else None."""
+    handle = _open(path)
+    try:
+        _lock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _lock(handle, path: str | Path, operation: int) -> None:
+    try:
+        fcntl.flock(handle, operation)
+    except BlockingIOError:
+        raise
+    except OSError as error:
+        handle.close()
+        if error.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+            raise OSError(error.errno, f"the file system under {Path(path).parent} refuses file locks "
+                          f"({error.strerror}); put results_dir and EVA_BENCH_CACHE on one that supports flock "
+                          "(Lustre: mount with -o flock; NFSv3: a running lockd)") from error
+        raise
 
 
 def check_shared(folder: Path) -> None:

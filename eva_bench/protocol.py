@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, open_dict
 
-from . import distributed
-from .locks import exclusive
+from .locks import exclusive_for_job
 
 VALIDATION_METRIC = "validation/nll"  # the default selection metric: NLL on the validation split; lower is better
 
@@ -99,7 +98,7 @@ def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | N
     every lr diverged there is nothing to choose and that is an error.
     """
     scores = {}
-    with exclusive(lock) if lock is not None else contextlib.nullcontext():
+    with exclusive_for_job(lock) if lock is not None else contextlib.nullcontext():
         for lr in cfg.protocol.lr_grid:
             record = run(selection_config(cfg, lr))
             value = record.get("metrics", {}).get(metric) if record.get("status") == "success" else None
@@ -135,8 +134,7 @@ def prepare(cfg: DictConfig, ctx, run: Callable[[DictConfig], dict],
     check(cfg)
     if not (is_tuned(cfg) and stage(cfg) == "final"):
         return cfg, None
-    lock = lock_path(ctx.path, ctx.run) if distributed.rank() == 0 else None  # torchrun: rank 0 locks for the job
-    selection = select_lr(cfg, run, lock=lock, metric=metric)
+    selection = select_lr(cfg, run, lock=lock_path(ctx.path, ctx.run), metric=metric)  # torchrun: rank 0 locks
     return with_lr(cfg, selection["selected_lr"]), selection
 
 

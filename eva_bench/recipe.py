@@ -13,6 +13,7 @@ run exits non-zero and a Hydra sweep carries on with the next run and reports th
 Concurrent jobs (a SLURM array, a requeued job next to its old self): ``finished()`` first takes the record's file
 lock (``<record>.lock``) and holds it until the record is written, so a second job with the same run id waits there,
 then skips the finished record (or reruns a failed one). The lock dies with its process: a killed job blocks nobody.
+Under torchrun rank 0 holds the lock for the job while the other ranks wait with it (``locks.hold_for_job``).
 """
 
 from __future__ import annotations
@@ -133,27 +134,29 @@ class RunContext:
         return cls(config=config, run=run, path=results.record_path(cfg.results_dir, cfg.experiment_name, run_id))
 
     def finished(self) -> bool:
-        """True when a finished record exists; otherwise this process now holds the record's lock until the record
-        is written (a job running the same record elsewhere is waited for first). Under torchrun rank 0 decides
-        for every rank: only it locks and writes the record."""
-        if distributed.rank() != 0:
-            return distributed.from_rank0(False)
+        """True when a finished record exists; otherwise this job now holds the record's lock until the record is
+        written (a job running the same record elsewhere is waited for first). Under torchrun every rank calls it
+        and rank 0 decides for all: only it locks and writes the record (``locks.hold_for_job``)."""
         self._claim()
-        done = not self.config.get("force") and results.is_finished(self.path)
+        done = distributed.rank() == 0 and not self.config.get("force") and results.is_finished(self.path)
+        done = distributed.from_rank0(done)
         if done:
-            print(f"skip (finished record exists): {self.path}")
+            if distributed.rank() == 0:
+                print(f"skip (finished record exists): {self.path}")
             self._release()
-        return distributed.from_rank0(done)
+        return done
 
     def _claim(self) -> None:
-        if getattr(self, "_lock", None) is not None:
+        if getattr(self, "_claimed", False):
             return
-        handle = locks.hold(self.path.with_suffix(".lock"), waiting=f"waiting: another job is running {self.path.stem}")
-        self._lock = handle
-        weakref.finalize(self, handle.close)  # a recipe that fails before recording() still lets the lock go
+        waiting = f"waiting: another job is running {self.path.stem}"
+        handle = locks.hold_for_job(self.path.with_suffix(".lock"), waiting=waiting)  # None on ranks other than 0
+        self._lock, self._claimed = handle, True
+        if handle is not None:
+            weakref.finalize(self, handle.close)  # a recipe that fails before recording() still lets the lock go
 
     def _release(self) -> None:
-        handle, self._lock = getattr(self, "_lock", None), None
+        handle, self._lock, self._claimed = getattr(self, "_lock", None), None, False
         if handle is not None:
             handle.close()  # closing the file releases the lock
 
@@ -165,9 +168,8 @@ class RunContext:
         """The run's record, written when the block ends (``failed`` with the traceback if it raises). It holds the
         tuned protocol's lr ``selection`` (None under the fixed protocol); torch's threads are pinned to the run's
         ``threads`` for the block."""
+        self._claim()  # no-op after finished(); a recipe that never asked still gets the record to itself
         leader = distributed.rank() == 0  # the other ranks of a torchrun job neither lock, log nor write
-        if leader:
-            self._claim()  # no-op after finished(); a recipe that never asked still gets the record to itself
         logger = dict(self.config.get("logger") or {}) if leader else {}
         kind = logger.pop("kind", "none")
         tracker = make_tracker(kind, group=self.run["experiment"], name=self.path.stem, config=self.config, **logger)

@@ -211,6 +211,50 @@ def test_a_recipe_under_torchrun_writes_one_record_that_matches_one_process(tmp_
     assert abs(two["metrics"]["gsm8k/nll"] - one["metrics"]["gsm8k/nll"]) < 0.01
 
 
+LOCK_WAITER = """
+import datetime, sys
+from pathlib import Path
+import torch.distributed as dist
+from eva_bench import locks
+from eva_bench.recipe import RunContext
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))  # far shorter than the wait below
+locks.POLL_SECONDS = 0.5
+ctx = RunContext(config={}, run={"experiment": "x"}, path=Path(sys.argv[1]))
+assert ctx.finished() is False  # waited for the other job's lock, then took it for this job
+with ctx.recording() as record:
+    record.finish("success")
+dist.barrier()
+print("rank", dist.get_rank(), "done")
+"""
+
+
+@pytest.mark.slow  # a 2-process torchrun that waits ~8 s on a lock (~30 s on 2 cores)
+def test_a_torchrun_job_waits_for_another_jobs_lock_longer_than_the_collective_timeout(tmp_path):
+    """Rank 0 waits on a record another job holds while the other ranks wait with it, each wait a short broadcast:
+    no collective stays pending past the process group's timeout (3 s here; hours-long waits behind a selection)."""
+    import fcntl
+    import time
+
+    record = tmp_path / "x" / "math--m--eva--r2--s0--abc.json"
+    record.parent.mkdir(parents=True)
+    (tmp_path / "waiter.py").write_text(LOCK_WAITER)
+    log = tmp_path / "job.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with open(record.with_suffix(".lock"), "a") as other_job, open(log, "w") as job_log:
+        fcntl.flock(other_job, fcntl.LOCK_EX)  # another job is running this record
+        job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                str(WORLD), str(tmp_path / "waiter.py"), str(record)],
+                               cwd=REPO, env=env, stdout=job_log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while "waiting: another job" not in log.read_text() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(8)  # the other job runs on, well past the 3 s collective timeout
+    assert job.wait(timeout=120) == 0, log.read_text()[-4000:]
+    assert "rank 0 done" in log.read_text() and "rank 1 done" in log.read_text()
+    assert json.loads(record.read_text())["status"] == "success"
+
+
 def test_initialize_from_config_hands_each_rank_its_slice_of_every_calibration_batch(monkeypatch):
     """Rank 1 of 2 (simulated): the initializer sees the second half of each global batch, on the model's device."""
     from omegaconf import OmegaConf
