@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import distributed
 from .assets import REPO_ROOT
 
 SCHEMA = 1
@@ -102,6 +103,7 @@ def provenance() -> dict:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "processes": distributed.world_size(),  # a torchrun job's ranks (data parallel), else 1
         },
         "host": platform.node(),
     }

@@ -202,6 +202,7 @@ def test_a_recipe_under_torchrun_writes_one_record_that_matches_one_process(tmp_
         records[name] = json.loads(written[0].read_text())
     one, two = records["one"], records["two"]
     assert one["status"] == two["status"] == "success" and one["run"] == two["run"]  # the same run id
+    assert one["provenance"]["hardware"]["processes"] == 1 and two["provenance"]["hardware"]["processes"] == WORLD
     assert two["init_report"]["ranks"] == one["init_report"]["ranks"]  # EVA's allocation on the union of the slices
     variance = one["init_report"]["details"]["explained_variance"]
     assert variance and all(abs(two["init_report"]["details"]["explained_variance"][k] - v) < 1e-4
