@@ -46,10 +46,10 @@ def test_slurm_sweep_without_a_partition_fails_before_submitting(tmp_path):
     assert not list(tmp_path.rglob("*.json")) and not (tmp_path / "multirun" / ".submitit").exists()
 
 
-def _sweep(tmp_path) -> subprocess.Popen:
+def _sweep(tmp_path, seeds: str = "0,1") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tasks.language.train", "-m", "hydra/launcher=local", "task=math", "lora.r=2",
-         "seed=0,1", *TINY, f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/multirun"],
+         f"seed={seeds}", *TINY, f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/multirun"],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
@@ -79,6 +79,28 @@ def test_local_launcher_sweep_killed_then_rerun_completes_only_the_missing_runs(
     assert len(after) == 2 and all(r["status"] == "success" for r in after.values())
     assert {r["run"]["seed"] for r in after.values()} == {0, 1}
     assert all(after[name]["finished_at"] == done for name, done in before.items())  # finished: skipped, kept
+
+
+@pytest.mark.slow
+def test_a_preempted_job_is_requeued_and_its_run_finishes(tmp_path):
+    """The preemption signal (USR2, as SLURM sends it) mid-run: submitit checkpoints the Hydra job and requeues it,
+    the interrupted run leaves a failed record, and the requeued job reruns it to a finished one."""
+    sweep = _sweep(tmp_path, seeds="0")
+    deadline = time.time() + 300
+    while not list((tmp_path / "dev").glob("*.lock")) and sweep.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # the job holds its record's lock: it is running the run
+    jobs = subprocess.run(["pgrep", "-f", f"submitit.core._submit.*{tmp_path}"], capture_output=True, text=True)
+    assert jobs.stdout.split(), "no submitit job process found"
+    for pid in jobs.stdout.split():
+        os.kill(int(pid), signal.SIGUSR2)
+    log = sweep.communicate(timeout=600)[0]
+    assert sweep.returncode == 0, log[-4000:]
+    records = _records(tmp_path)
+    assert [r["status"] for r in records.values()] == ["success"]
+    job_logs = "".join(p.read_text() for p in sorted((tmp_path / "multirun" / ".submitit").rglob("*_log.*")))
+    assert "this job is preempted" in job_logs and "Requeued" in job_logs
+    path = tmp_path / "dev" / next(iter(records))
+    assert job_logs.index(f"failed: {path}") < job_logs.index(f"success: {path}")  # interrupted, then rerun
 
 
 def test_a_second_job_with_the_same_run_id_waits_then_skips(tmp_path, capsys):
