@@ -1,6 +1,7 @@
 """The vision recipe on the real data: backbone pretraining smoke and its cache, every registered init on the tiny ViT
 through the vision callbacks, a 2-step run writing a record, bad input, and the paper-scale configs offline."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def test_two_step_recipe_run_writes_a_complete_record(tmp_path):
     assert 1 <= record["init_report"]["calibration_batches"] <= 2
     written = json.loads(next(tmp_path.glob("dev/*.json")).read_text())
     assert written["run"]["init"] == "eva" and "provenance" in written
+    weights = Path(written["backbone"]["cache"]) / "weights.pt"  # the record names the backbone build it used
+    assert written["backbone"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_tuned_protocol_selects_on_val200_style_split(tmp_path):

@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> dict:
 
         # build: the pretrained backbone (cached) and the task's images, prepared for it (size, channels, norm)
         backbone = build(cfg.model.load)
+        record.body["backbone"] = backbone.info  # which weights: the cached build's SHA-256, or the hub id
         task = build(cfg.task.load)
         train_images, test_images = backbone.prepare(task.train_images), backbone.prepare(task.test_images)
         model = backbone.model
