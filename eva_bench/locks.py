@@ -59,25 +59,23 @@ def hold_for_job(path: str | Path, waiting: str | None = None):
     return handle
 
 
-@contextlib.contextmanager
 def exclusive(path: str | Path):
     """Hold an exclusive lock on ``path`` for the duration of the block."""
-    handle = hold(path)
-    try:
-        yield
-    finally:
-        handle.close()  # closing the file releases the lock
+    return _held(hold(path))
+
+
+def exclusive_for_job(path: str | Path):
+    """``exclusive`` for a whole torchrun job (``hold_for_job``): every rank enters the block once rank 0 holds it."""
+    return _held(hold_for_job(path))
 
 
 @contextlib.contextmanager
-def exclusive_for_job(path: str | Path):
-    """``exclusive`` for a whole torchrun job (``hold_for_job``): every rank enters the block once rank 0 holds it."""
-    handle = hold_for_job(path)
+def _held(handle):
     try:
         yield
     finally:
         if handle is not None:
-            handle.close()
+            handle.close()  # closing the file releases the lock
 
 
 def _open(path: str | Path):
