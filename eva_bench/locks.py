@@ -32,11 +32,10 @@ POLL_SECONDS = 5.0  # a torchrun job waiting for a lock re-checks it this often 
 def hold(path: str | Path, waiting: str | None = None):
     """Open ``path`` (created, with its folder, if missing) and hold an exclusive lock on it until the returned file
     is closed. ``waiting`` is printed when another process holds the lock and this one has to wait."""
-    handle = _try_hold(path)
-    if handle is None:
+    handle = _open(path)
+    if not _try_lock(handle, path):
         if waiting:
             print(waiting, flush=True)
-        handle = _open(path)
         _lock(handle, path, fcntl.LOCK_EX)
     return handle
 
@@ -48,14 +47,13 @@ def hold_for_job(path: str | Path, waiting: str | None = None):
     Returns the lock's file on rank 0 (close it to release) and None on the others; in one process, ``hold``."""
     if not distributed.is_distributed():
         return hold(path, waiting)
-    leader = distributed.rank() == 0
-    handle = _try_hold(path) if leader else None
-    if leader and handle is None and waiting:
+    handle = _open(path) if distributed.rank() == 0 else None
+    held = handle is not None and _try_lock(handle, path)
+    if handle is not None and not held and waiting:
         print(waiting, flush=True)
-    while not distributed.from_rank0(handle is not None):
+    while not distributed.from_rank0(held):
         time.sleep(POLL_SECONDS)
-        if leader:
-            handle = _try_hold(path)
+        held = handle is not None and _try_lock(handle, path)
     return handle
 
 
@@ -85,22 +83,21 @@ def _open(path: str | Path):
     return open(path, "a")
 
 
-def _try_hold(path: str | Path):
-    """The lock's open file if the lock was free (now held), else None."""
-    handle = _open(path)
+def _try_lock(handle, path: str | Path) -> bool:
+    """Take the lock if it is free (True); False when another process holds it."""
     try:
         _lock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
-        return None
-    return handle
+        return False
+    return True
 
 
 def _lock(handle, path: str | Path, operation: int) -> None:
+    """``flock``; a file system that refuses locks closes ``handle`` and raises a clear error."""
     try:
         fcntl.flock(handle, operation)
     except BlockingIOError:
-        raise
+        raise  # held elsewhere: the caller decides whether to wait
     except OSError as error:
         handle.close()
         if error.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):

@@ -44,6 +44,10 @@ class SkipFinishedSweeper(BasicSweeper):
             return []
         return [list(chunk) for chunk in BasicSweeper.split_overrides_to_chunks(todo, max_batch_size)]
 
+    def validate_batch_is_legal(self, batch) -> None:
+        """Nothing to do: ``split_arguments`` already composed every run's config (Hydra's check would compose each
+        launched run a second time)."""
+
     def _finished(self, job: list[str]) -> bool:
         from eva_bench import results
 

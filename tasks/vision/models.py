@@ -87,7 +87,8 @@ def pretrained_tiny_vit(name: str, architecture: dict, pretrain: dict, threads: 
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
     # the weights' SHA-256 names the build: a rebuild (other CPU thread count, other machine) can differ in the last
     # bits, and fine-tuning amplifies that, so records are comparable run to run only on one build
-    info = {"cache": str(folder), **{k: meta[k] for k in ("sha256", "fashion_mnist_test_accuracy", "pretrain_seconds")}}
+    kept = ("sha256", "fashion_mnist_test_accuracy", "pretrain_seconds")
+    info = {"cache": str(folder), **{k: meta[k] for k in kept}}
     return Backbone(model.eval(), architecture["image_size"], architecture["in_chans"], tuple(pretrain["mean"]),
                     tuple(pretrain["std"]), info=info)
 
@@ -193,17 +194,13 @@ def accuracy_and_nll(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.eval()
     device = next(model.parameters()).device
 
-    def score(rows: list[int]) -> list[tuple[bool, float]]:
-        out = []
-        for i in range(0, len(rows), batch_size):
-            chunk = torch.tensor(rows[i : i + batch_size], dtype=torch.long)
-            logits = model(images[chunk].to(device)).float()
-            target = labels[chunk].to(device)
-            hits = (logits.argmax(-1) == target).tolist()
-            out += zip(hits, F.cross_entropy(logits, target, reduction="none").tolist())
-        return out
+    def score(start: int) -> tuple[int, float]:  # one batch: (correct, summed cross-entropy)
+        logits = model(images[start : start + batch_size].to(device)).float()
+        target = labels[start : start + batch_size].to(device)
+        return int((logits.argmax(-1) == target).sum()), float(F.cross_entropy(logits, target, reduction="sum"))
 
-    scores = distributed.spread(range(len(images)), score)
+    # each rank scores every world-size-th batch; the sums run in batch order, as in one process
+    batches = distributed.spread(range(0, len(images), batch_size), lambda starts: [score(i) for i in starts])
     model.train(was_training)
-    hits, nlls = zip(*scores) if scores else ((), ())
-    return {"accuracy": 100.0 * sum(hits) / len(images), "nll": sum(nlls) / len(images)}
+    correct, nll = sum(c for c, _ in batches), sum(n for _, n in batches)
+    return {"accuracy": 100.0 * correct / len(images), "nll": nll / len(images)}
