@@ -20,7 +20,7 @@ VISION_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIME
 # make reproduce-rl [PROTOCOL=tuned] [EXPERIMENT=paper_rl_cw10]: the RL CPU default unless named
 RL_EXPERIMENT := $(if $(filter command line,$(origin EXPERIMENT)),$(EXPERIMENT),rl_cpu$(if $(filter tuned,$(PROTOCOL)),_tuned))
 
-.PHONY: install test test-slow reproduce-language reproduce-vision reproduce-rl tables bench generate clean bench-gpu
+.PHONY: install test test-slow reproduce-language reproduce-vision reproduce-rl promote tables bench generate clean bench-gpu
 
 install: $(STAMP) $(FASHION_MNIST)
 $(STAMP): pyproject.toml
@@ -41,30 +41,50 @@ test: $(STAMP) $(FASHION_MNIST)
 test-slow: $(STAMP) $(FASHION_MNIST)
 	$(PY) -m pytest -q -m slow
 
-# The language table sweep (CPU default: stories260K, ~20 min on 2 cores), then its tables. A rerun skips finished
-# runs; tables are written even when a run failed (failed runs are recorded and left out of the means).
+# Reproduce: the experiment's sweep into a results root outside git ($(RUNS)), its tables there ($(RUNS)/tables/), then
+# the comparison with the committed records of the same run ids (eva_bench/reproduce.py). A rerun launches only runs
+# without a finished record in $(RUNS); ARGS=force=true retrains them all. DRY_RUN=1 prints the plan (runs, ETA) and
+# launches nothing; STRICT=1 fails the target when a run or table cell differs from the committed one beyond 1e-5.
 # LAUNCH=slurm: submit the sweep as a SLURM array (PARTITION=<name> or $$EVA_BENCH_SLURM_PARTITION); LAUNCH=local: the
-# same submitit path on this machine; unset: the experiment's own launcher (CPU default: two joblib jobs)
+# same submitit path on this machine; unset: the experiment's own launcher (CPU defaults: two joblib jobs)
+RUNS ?= $(or $(EVA_BENCH_RESULTS),runs)
+DRY_RUN ?=
+STRICT ?=
 LAUNCH ?=
 PARTITION ?=
 LAUNCHER = $(if $(LAUNCH),hydra/launcher=$(LAUNCH)) $(if $(PARTITION),hydra.launcher.partition=$(PARTITION))
 
+# $(call reproduce,<recipe module>,<experiment>): sweep; then, unless a dry run, tables and comparison. Tables are
+# written even when a run failed (failed runs are recorded and left out of the means); the sweep's status wins.
+define reproduce
+	$(PY) -m $(1) -m experiment=$(2) results_dir=$(RUNS) $(LAUNCHER) $(if $(DRY_RUN),hydra.sweeper.dry_run=true) \
+	  $(ARGS); status=$$?; \
+	if [ -z "$(DRY_RUN)" ]; then \
+	  $(PY) -m eva_bench.tables --results $(RUNS) --experiment $(2) && \
+	  $(PY) -m eva_bench.reproduce --experiment $(2) --fresh $(RUNS) $(if $(STRICT),--strict) || status=1; \
+	fi; exit $$status
+endef
+
+# The language table sweep (CPU default: stories260K, 48 runs, ~20 min on 2 cores).
 reproduce-language: $(STAMP)
-	$(PY) -m tasks.language.train -m experiment=$(EXPERIMENT) $(LAUNCHER) $(ARGS); status=$$?; \
-	$(PY) -m eva_bench.tables --experiment $(EXPERIMENT); exit $$status
+	$(call reproduce,tasks.language.train,$(EXPERIMENT))
 
 # The vision sweep (CPU default: the Fashion-MNIST-pretrained tiny ViT on five VTAB-1K-style tasks, ~20 min on 2
 # cores): the backbone is built first with every core (cached), then the sweep, then its tables.
 reproduce-vision: $(STAMP) $(FASHION_MNIST)
-	$(PY) -m tasks.vision.prepare experiment=$(VISION_EXPERIMENT)
-	$(PY) -m tasks.vision.train -m experiment=$(VISION_EXPERIMENT) $(LAUNCHER) $(ARGS); status=$$?; \
-	$(PY) -m eva_bench.tables --experiment $(VISION_EXPERIMENT); exit $$status
+	$(if $(DRY_RUN),,$(PY) -m tasks.vision.prepare experiment=$(VISION_EXPERIMENT))
+	$(call reproduce,tasks.vision.train,$(VISION_EXPERIMENT))
 
 # The RL sweep (CPU default: Meta-World expert data as Minari datasets, a decision transformer pretrained on 10 tasks,
 # LoRA-fine-tuned on 3 held-out ones); data generation and pretraining happen once, cached, inside the first run.
 reproduce-rl: $(STAMP)
-	$(PY) -m tasks.rl.train -m experiment=$(RL_EXPERIMENT) $(LAUNCHER) $(ARGS); status=$$?; \
-	$(PY) -m eva_bench.tables --experiment $(RL_EXPERIMENT); exit $$status
+	$(call reproduce,tasks.rl.train,$(RL_EXPERIMENT))
+
+# Promote the fresh records of EXPERIMENT (default language_cpu) to the committed reference, then rebuild its tables:
+# review the comparison first, then commit results/ (see README, "Reproducing")
+promote: $(STAMP)
+	$(PY) -m eva_bench.reproduce --experiment $(EXPERIMENT) --fresh $(RUNS) --promote
+	$(PY) -m eva_bench.tables --experiment $(EXPERIMENT)
 
 tables: $(STAMP)
 	$(PY) -m eva_bench.tables

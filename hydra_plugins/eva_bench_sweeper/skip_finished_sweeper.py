@@ -7,6 +7,10 @@ asks the recipe where that run's record lives (its module's ``context(cfg)``, th
 launches only the runs without a finished record: missing and failed ones. A run in flight elsewhere is launched
 again and waits on its record's lock (eva_bench/recipe.py). ``force=true`` launches everything.
 
+Before launching it prints a plan: runs to launch, runs already finished, and an estimated wall time from the
+committed reference records' run times and the launcher's parallelism (``dry_run: true`` stops there). While the
+sweep runs it watches the planned records and prints "k of N" with the elapsed time and an ETA as each one lands.
+
 Hydra loads plugins only from the ``hydra_plugins`` package, hence this module's place; it imports eva_bench lazily
 because Hydra imports every plugin on every start.
 """
@@ -14,7 +18,13 @@ because Hydra imports every plugin on every start.
 from __future__ import annotations
 
 import logging
+import os
+import statistics
 import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
@@ -24,9 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class SkipFinishedSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
+                 dry_run: bool = False, reference: str | None = None, progress_every: float = 5.0) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.context = None
+        self.dry_run = dry_run
+        self.reference = reference
+        self.progress_every = progress_every
+        self.watcher: ProgressWatcher | None = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -36,25 +51,154 @@ class SkipFinishedSweeper(BasicSweeper):
             raise TypeError(f"hydra/sweeper=skip_finished: the recipe module {recipe.__name__} defines no "
                             "`context(cfg)` returning its run's RunContext (see tasks/language/train.py)")
 
+    def sweep(self, arguments: list[str]) -> Any:
+        try:
+            return super().sweep(arguments)
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
         every = BasicSweeper.split_arguments(overrides, None)[0]
-        todo = [job for job in every if not self._finished(job)]
+        contexts = [self._context(job) for job in every]
+        todo = [(job, ctx) for job, ctx in zip(every, contexts) if ctx is not None]
         log.info(f"{len(every) - len(todo)} of {len(every)} runs have a finished record: launching {len(todo)}")
-        if not todo:
+        self._log_plan(todo, contexts)
+        if self.dry_run or not todo:
             return []
-        return [list(chunk) for chunk in BasicSweeper.split_overrides_to_chunks(todo, max_batch_size)]
+        self.watcher = ProgressWatcher([ctx.path for _, ctx in todo], self.progress_every)
+        self.watcher.start()
+        jobs = [job for job, _ in todo]
+        return [list(chunk) for chunk in BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size)]
 
     def validate_batch_is_legal(self, batch) -> None:
         """Nothing to do: ``split_arguments`` already composed every run's config (Hydra's check would compose each
         launched run a second time)."""
 
-    def _finished(self, job: list[str]) -> bool:
+    def _context(self, job: list[str]):
+        """The run's RunContext if it is to be launched, None when its finished record exists."""
         from eva_bench import results
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(job))
         with open_dict(cfg):
             del cfg["hydra"]  # a run's config, as the job will see it (its hash never includes hydra)
-        if cfg.get("force"):
-            return False
-        return results.is_finished(self.context(cfg).path)
+        ctx = self.context(cfg)
+        return None if not cfg.get("force") and results.is_finished(ctx.path) else ctx
 
+    def _log_plan(self, todo: list, contexts: list) -> None:
+        """The runs to launch (each, in a dry run), and the estimated wall time from the reference's run times."""
+        from eva_bench.reproduce import REFERENCE
+
+        if not todo:
+            return
+        reference = Path(self.reference) if self.reference else REFERENCE
+        estimate = plan_seconds([ctx for _, ctx in todo], reference)
+        workers = self._parallelism(len(todo))
+        if self.dry_run:
+            for job, ctx in todo:
+                log.info(f"would launch {ctx.path.stem}  ({' '.join(job)})")
+        where = todo[0][1].path.parent
+        if estimate["known"] == 0:
+            log.info(f"plan: {len(todo)} runs into {where}; no reference record under {reference} to estimate from")
+            return
+        untimed, selection = len(todo) - estimate["known"], estimate["selection"]
+        basis = [f"{estimate['known']} timed by their reference record"] + \
+            ([f"{untimed} at their median"] if untimed else []) + \
+            ([f"{selection} lr-selection runs still to do"] if selection else [])
+        log.info(f"plan: {len(todo)} runs into {where}, {workers} at a time ({self._launcher_name()}): about "
+                 f"{clock(estimate['seconds'] / workers)} wall, {clock(estimate['seconds'])} of run time "
+                 f"({', '.join(basis)}; from {reference} on {estimate['cpu']})")
+        if self.dry_run:
+            log.info("dry run: nothing launched")
+
+    def _launcher_name(self) -> str:
+        return str(self.config.hydra.launcher.get("_target_", "?")).rsplit(".", 1)[-1]
+
+    def _parallelism(self, runs: int) -> int:
+        """How many runs the launcher runs at once: joblib's n_jobs, SLURM's array_parallelism, every submitit-local
+        job at once, one for Hydra's basic launcher."""
+        launcher = self.config.hydra.launcher
+        if launcher.get("n_jobs") is not None:
+            n = int(launcher.n_jobs)
+            return max(1, os.cpu_count() + 1 + n if n < 0 else n)  # joblib: -1 = every core
+        if launcher.get("array_parallelism") is not None:
+            return max(1, min(runs, int(launcher.array_parallelism)))
+        if "LocalLauncher" in self._launcher_name():
+            return runs
+        return 1
+
+
+def plan_seconds(contexts: list, reference: Path) -> dict:
+    """Run time of the planned runs: each run's reference record's ``seconds`` (same run id), the median of those
+    for runs without one, plus the tuned protocol's reference selection runs that the fresh folder still lacks."""
+    from eva_bench import results
+
+    timed, cpus = [], set()
+    for ctx in contexts:
+        record = results.read_record(reference / ctx.path.parent.name / ctx.path.name)
+        if isinstance(record, dict) and isinstance(record.get("seconds"), (int, float)):
+            timed.append(record["seconds"])
+            cpus.add(((record.get("provenance") or {}).get("hardware") or {}).get("cpu"))
+    selection = []
+    for ctx in contexts:
+        for path in sorted((reference / ctx.path.parent.name / "lr_search").glob("*.json")):
+            if not (ctx.path.parent / "lr_search" / path.name).exists():
+                record = results.read_record(path)
+                if isinstance(record, dict) and isinstance(record.get("seconds"), (int, float)):
+                    selection.append((path.name, record["seconds"]))
+        break  # every run shares its experiment's lr_search folder
+    median = statistics.median(timed) if timed else 0.0
+    seconds = sum(timed) + median * (len(contexts) - len(timed)) + sum(s for _, s in selection)
+    return {"seconds": seconds, "known": len(timed), "selection": len(selection),
+            "cpu": ", ".join(sorted(c for c in cpus if c)) or "an unnamed machine"}
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressWatcher:
+    """Watches the planned records from the sweep's process, whatever the launcher (joblib workers, SLURM jobs on
+    other nodes sharing the file system): "k of N" with elapsed time and ETA each time a record lands."""
+
+    def __init__(self, paths: list[Path], every: float) -> None:
+        self.paths, self.every = list(paths), every
+        self.started = time.time()
+        self.done: dict[Path, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="sweep-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.every + 1)
+        self.poll()  # the last records, landed since the previous poll
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        from eva_bench import results
+
+        for path in self.paths:
+            if path in self.done:
+                continue
+            try:
+                if path.stat().st_mtime < self.started:  # force=true: the old record, not yet rewritten
+                    continue
+            except FileNotFoundError:
+                continue
+            record = results.read_record(path)
+            if not isinstance(record, dict) or record.get("status") is None:
+                continue
+            self.done[path] = record["status"]
+            k, n, elapsed = len(self.done), len(self.paths), time.time() - self.started
+            failed = sum(s == "failed" for s in self.done.values())
+            eta = "" if k == n else f", ETA {clock(elapsed / k * (n - k))}"
+            log.info(f"[{k} of {n}] {record['status']}: {path.stem}  (elapsed {clock(elapsed)}{eta}"
+                     + (f"; {failed} failed" if failed else "") + ")")
