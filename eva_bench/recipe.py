@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
 import time
 import traceback
@@ -138,7 +139,12 @@ class RunContext:
         written (a job running the same record elsewhere is waited for first). Under torchrun every rank calls it
         and rank 0 decides for all: only it locks and writes the record (``locks.hold_for_job``)."""
         self._claim()
-        done = distributed.rank() == 0 and not self.config.get("force") and results.is_finished(self.path)
+        done = False
+        if distributed.rank() == 0:
+            record, problem = results.check_record(self.path)
+            if problem not in (None, "missing"):  # unreadable, malformed or edited: redone, the bad file kept aside
+                results.set_aside(self.path, problem)
+            done = record is not None and record["status"] in results.FINISHED and not self.config.get("force")
         done = distributed.from_rank0(done)
         if done:
             if distributed.rank() == 0:
@@ -219,6 +225,7 @@ class Recorder:
         self.tracker.log({f"eval/{k}": v for k, v in metrics.items()})
 
     def finish(self, status: str, error: str | None = None) -> dict:
+        status, error = self._earned(status, error)
         if distributed.rank() != 0:  # rank 0 writes the job's record; the others skip its provenance
             return {"run": self.ctx.run, "status": status, "error": error, "metrics": self.body.pop("metrics", {})}
         record = {
@@ -239,6 +246,17 @@ class Recorder:
         self.tracker.finish(status)
         print(f"{status}: {self.ctx.path}" + (f"  {record['metrics']}" if record["metrics"] else ""))
         return record
+
+    def _earned(self, status: str, error: str | None) -> tuple[str, str | None]:
+        """A success must be earned: at least one optimizer step when the run trained, finite metrics."""
+        if status != "success":
+            return status, error
+        if (self.body.get("train") or {}).get("optimizer_steps") == 0:
+            return "failed", "no optimizer step was taken (fewer training examples than one batch?)"
+        metrics = self.body.get("metrics") or {}
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
+            return "diverged", None  # NaN or inf weights or scores: a result, not a success
+        return status, error
 
     def fail(self, error: BaseException) -> None:
         message = "".join(traceback.format_exception(error))

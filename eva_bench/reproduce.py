@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from .assets import REPO_ROOT
-from .results import FINISHED, LR_ROW, read_record, write_record
+from .results import FINISHED, LR_ROW, check_record, read_record, write_record
 from .tables import KEYS, aggregate, group_means, long_format
 
 REFERENCE = REPO_ROOT / "results"  # the committed records
@@ -69,8 +69,6 @@ def difference(now, committed) -> float:
 def compare_run(fresh: dict | None, reference: dict | None, tolerance: float) -> dict:
     """One run's verdict and per-metric differences (``fresh``/``reference``: the records, None when absent or
     unreadable)."""
-    if fresh is None and reference is None:
-        raise ValueError("compare_run needs at least one record")
     if fresh is None:
         return {"verdict": "missing", "metrics": {}}
     if fresh.get("status") not in FINISHED:
@@ -101,13 +99,61 @@ def compare_runs(fresh_root: Path, reference_root: Path, experiment: str, tolera
     fresh, reference = record_files(fresh_root, experiment), record_files(reference_root, experiment)
     runs = {}
     for name in sorted(set(fresh) | set(reference)):
-        now = read_record(fresh[name]) if name in fresh else None
-        if name in fresh and not isinstance(now, dict):  # a fresh record that cannot be read is a failed run
-            runs[name] = {"verdict": "failed", "error": f"unreadable record {fresh[name]}", "metrics": {}}
+        now, problem = check_record(fresh[name]) if name in fresh else (None, None)
+        if problem:  # a fresh record that cannot be trusted is a failed run
+            runs[name] = {"verdict": "failed", "error": f"invalid record {fresh[name]}: {problem}", "metrics": {}}
             continue
-        committed = read_record(reference[name]) if name in reference else None
-        runs[name] = compare_run(now, committed if isinstance(committed, dict) else None, tolerance)
+        committed, problem = check_record(reference[name]) if name in reference else (None, None)
+        runs[name] = compare_run(now, committed, tolerance)
+        if problem:  # named, not silently compared with nothing
+            runs[name]["reference_problem"] = f"invalid committed record {reference[name]}: {problem}"
     return runs
+
+
+def hashes_named(node, path: str = "") -> dict[str, str]:
+    """Every artifact hash a record names (a field with ``sha256`` in its name, outside the config and provenance):
+    {"backbone.sha256": "549e...", ...}."""
+    if not isinstance(node, dict):
+        return {}
+    out = {}
+    for key, value in node.items():
+        if path == "" and key in ("config", "provenance", "digest"):
+            continue
+        name = f"{path}.{key}" if path else str(key)
+        if isinstance(value, dict):
+            out.update(hashes_named(value, name))
+        elif "sha256" in str(key) and isinstance(value, str):
+            out[name] = value
+    return out
+
+
+def builds(root: Path, experiment: str) -> dict:
+    """What an experiment's records ran on: their CPUs and, per artifact field, the hashes they name (sorted sets)."""
+    cpus, artifacts = set(), {}
+    for path in record_files(root, experiment).values():
+        record = read_record(path)
+        if not isinstance(record, dict):
+            continue
+        cpus.add(((record.get("provenance") or {}).get("hardware") or {}).get("cpu") or "not recorded")
+        for name, value in hashes_named(record).items():
+            artifacts.setdefault(name, set()).add(value)
+    return {"cpu": sorted(cpus), "artifacts": {name: sorted(v) for name, v in sorted(artifacts.items())}}
+
+
+def build_differences(now: dict, committed: dict) -> list[str]:
+    """One line per way the fresh runs' machine or artifacts differ from the reference's (the usual cause of a
+    difference: a rebuilt artifact on another kind of CPU differs in the last bits; see eva_bench/artifacts.py)."""
+    def short(values):
+        return ", ".join(v[:12] for v in values) if values else "not recorded"
+
+    lines = []
+    if now["cpu"] != committed["cpu"]:
+        lines.append(f"cpu: {', '.join(now['cpu'])} now, {', '.join(committed['cpu'])} committed")
+    for name in sorted(set(now["artifacts"]) | set(committed["artifacts"])):
+        a, b = now["artifacts"].get(name, []), committed["artifacts"].get(name, [])
+        if a != b:
+            lines.append(f"{name}: {short(a)} now, {short(b)} committed")
+    return lines
 
 
 def table_cells(root: Path, experiment: str) -> pd.DataFrame:
@@ -165,6 +211,7 @@ def compare(experiment: str, fresh_root: Path, reference_root: Path = REFERENCE,
     now, committed = table_cells(fresh_root, experiment), table_cells(reference_root, experiment)
     cells, signs = compare_cells(now, committed, tolerance), compare_signs(now, committed, tolerance)
     counts = {v: sum(r["verdict"] == v for r in runs.values()) for v in VERDICTS}
+    built = {"now": builds(fresh_root, experiment), "committed": builds(reference_root, experiment)}
     every_run = bool(runs) and counts["identical"] + counts["within tolerance"] == len(runs)
     return {
         "experiment": experiment,
@@ -173,6 +220,7 @@ def compare(experiment: str, fresh_root: Path, reference_root: Path = REFERENCE,
         "tolerance": tolerance,
         "counts": counts,
         "reproduced": every_run and bool(cells["agrees"].all()) and bool(signs["sign_agrees"].all()),
+        "builds": {**built, "differences": build_differences(built["now"], built["committed"])},
         "runs": runs,
         "cells": _records(cells),
         "signs": _records(signs),
@@ -208,12 +256,17 @@ def summary(report: dict, limit: int = 8) -> str:
             detail = f"{worst[0]}: {worst[1]['now']} now, {worst[1]['committed']} committed"
             if "status" in r:
                 detail = f"status {r['status']['now']} now, {r['status']['committed']} committed"
+        detail = r.get("reference_problem") or detail
         lines.append(f"  {r['verdict']}: {name}" + (f"  ({detail})" if detail else ""))
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more (see the report)")
     for s in [s for s in signs if not s["sign_agrees"]][:limit]:
         lines.append(f"  sign changed: {s['method']} - {BASELINE}, {s['task']} r{s['rank']} {s['metric']}: "
                      f"{s['diff_now']} now, {s['diff_committed']} committed")
+    differences = report.get("builds", {}).get("differences", [])
+    if differences:
+        lines.append("built differently (a rebuilt artifact or another kind of CPU changes the last bits):")
+        lines.extend(f"  {line}" for line in differences)
     lines.append("REPRODUCED" if report["reproduced"] else "NOT REPRODUCED")
     return "\n".join(lines)
 

@@ -4,6 +4,12 @@ Path: ``<results_dir>/<experiment>/<task>--<model>--<init>--r<rank>--s<seed>--<c
 every setting that changes the result (not ``seed``, ``force``, logging or paths), so a changed config never
 overwrites or masquerades as an old result. A sweep restarted after a kill skips every finished run (success or
 diverged: both are results) and reruns failed or missing ones; a write is a rename, so a kill leaves no half file.
+
+Every record is strict JSON (a non-finite number is written as null and its place listed under ``non_finite``) and
+carries ``digest``, the SHA-256 of its own content: ``check_record`` names a record that cannot be read, does not
+have the schema's keys, or was edited after it was written (not security: it catches hand edits and partial
+writes). Readers (the sweeper, the recipes, tables, the reproduce comparison) treat such a record as unfinished and
+name it; a run that rewrites it first moves the bad file aside (``<name>.json.invalid-<time>``).
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
 import subprocess
 import tempfile
+import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -24,8 +33,11 @@ import pandas as pd
 from . import distributed
 from .assets import REPO_ROOT
 
-SCHEMA = 1
+SCHEMA = 2  # 2: strict JSON and a digest of the content (1: neither; still read, not verifiable)
 FINISHED = ("success", "diverged")
+STATUSES = ("success", "diverged", "failed")
+RUN_KEYS = {"experiment": str, "task": str, "model": str, "init": str, "rank": int, "seed": int, "config_hash": str}
+RECORD_MODE = 0o644  # teammates on a shared cluster read each other's records
 PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core", "minari", "metaworld", "wandb")
 LR_ROW = "lr*"  # the learning rate the tuned protocol selected, shown as a table row
 IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads", "device")  # bookkeeping, not the result
@@ -48,10 +60,56 @@ def record_path(results_dir: str | Path, experiment: str, run: str) -> Path:
 
 
 def read_record(path: Path) -> dict | None:
+    """The record at ``path`` if it exists and is valid (``check_record``); None otherwise."""
+    record, _ = check_record(path)
+    return record
+
+
+def check_record(path: Path) -> tuple[dict | None, str | None]:
+    """(record, None) for a valid record; (None, why) for a missing, unreadable, malformed or edited one."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, "missing"
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        return None, f"unreadable ({error})"
+    problem = record_problem(record)
+    return (None, problem) if problem else (record, None)
+
+
+def record_problem(record) -> str | None:
+    """What is wrong with a loaded record (None: nothing): its top-level shape, run keys, status, metrics, digest."""
+    if not isinstance(record, dict):
+        return f"not a record (a JSON {type(record).__name__})"
+    run = record.get("run")
+    if not isinstance(run, dict):
+        return "no run keys"
+    wrong = [k for k, kind in RUN_KEYS.items() if not isinstance(run.get(k), kind) or isinstance(run.get(k), bool)]
+    if wrong:
+        return f"run keys missing or of the wrong type: {', '.join(wrong)}"
+    if record.get("status") not in STATUSES:
+        return f"status {record.get('status')!r} is not one of {', '.join(STATUSES)}"
+    metrics = record.get("metrics")
+    if metrics is None and record["status"] != "success":
+        metrics = {}
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or v is None for v in metrics.values()):
+        return "metrics is not a mapping of numbers"
+    if record["status"] == "success" and not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                  for v in metrics.values()):
+        return "a success with a missing or non-finite metric"
+    if record.get("schema", 1) >= 2:
+        try:
+            if record.get("digest") != digest(record):
+                return "edited after it was written (its digest does not match its content)"
+        except ValueError:
+            return "not strict JSON (NaN or infinity)"
+    return None
+
+
+def digest(record: dict) -> str:
+    """SHA-256 of a record's content (all but the digest itself), as canonical JSON."""
+    content = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def is_finished(path: Path) -> bool:
@@ -59,14 +117,49 @@ def is_finished(path: Path) -> bool:
     return record is not None and record.get("status") in FINISHED
 
 
+def set_aside(path: Path, why: str) -> Path | None:
+    """Move an invalid record out of the way before its run is redone (never silently overwritten)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    aside = path.with_name(f"{path.name}.invalid-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    warnings.warn(f"record {path} is invalid ({why}): moved to {aside.name}; the run is redone", stacklevel=2)
+    return aside
+
+
+def strict_json(value, where: str = "", found: list | None = None):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN); their places go into ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found.append(where)
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
 def write_record(path: Path, record: dict) -> None:
-    """Write ``record`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
+    """Write ``record`` to ``path`` atomically (temp file in the same directory, fsync, rename), as strict JSON
+    with its digest; a stale temp file of a killed writer is removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.stem}.*.tmp"):  # the caller holds the record's lock: no live writer
+        stale.unlink(missing_ok=True)
+    content = {k: v for k, v in record.items() if k not in ("schema", "digest", "non_finite")}  # ours to set
+    plain = json.loads(json.dumps({"schema": SCHEMA, **content}, default=_jsonable))  # tuples, arrays -> JSON
+    non_finite: list[str] = []
+    plain = strict_json(plain, found=non_finite)
+    if non_finite:
+        plain["non_finite"] = non_finite
+    plain["digest"] = digest(plain)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
+        os.fchmod(fd, RECORD_MODE)
         with os.fdopen(fd, "w") as f:
-            json.dump({"schema": SCHEMA, **record}, f, indent=1, sort_keys=False, default=_jsonable)
+            json.dump(plain, f, indent=1, sort_keys=False, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,17 +238,23 @@ def _cpu_name() -> str:
 
 
 def load_records(results_dir: str | Path, experiment: str | None = None) -> pd.DataFrame:
-    """Every record under ``results_dir`` (or one experiment) as one row: keys, status and ``metric.*`` columns."""
+    """Every valid record under ``results_dir`` (or one experiment) as one row: keys, status and ``metric.*``
+    columns. Invalid records are left out, named in a warning and listed in ``frame.attrs["invalid"]``."""
     root = Path(results_dir)
     paths = sorted((root / experiment).glob("*.json") if experiment else root.glob("*/*.json"))
-    rows = []
+    rows, invalid = [], []
     for path in paths:
-        record = read_record(path)
-        if record is None or "run" not in record:
+        record, problem = check_record(path)
+        if record is None:
+            invalid.append((str(path), problem))
             continue
         row = {**record["run"], "status": record["status"], "finished_at": record.get("finished_at"), "path": str(path)}
         row.update({f"metric.{k}": v for k, v in (record.get("metrics") or {}).items()})
         if (record.get("protocol") or {}).get("selected_lr") is not None:  # tuned protocol: the tables' lr* row
             row[f"metric.{LR_ROW}"] = record["protocol"]["selected_lr"]
         rows.append(row)
-    return pd.DataFrame(rows)
+    for path, problem in invalid:
+        warnings.warn(f"invalid record left out: {path}: {problem}", stacklevel=2)
+    frame = pd.DataFrame(rows)
+    frame.attrs["invalid"] = invalid
+    return frame

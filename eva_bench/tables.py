@@ -154,6 +154,9 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     ]
     if paper_source:
         notes.append(f"Paper columns: {paper_source}; see results/paper/README.md.")
+    if records.attrs.get("invalid"):  # unreadable, malformed or edited records: named, never silently dropped
+        listed = ", ".join(f"{Path(p).name} ({why})" for p, why in records.attrs["invalid"])
+        notes.append(f"Invalid records, left out (rerun them: the sweep redoes each one): {listed}.")
     bad = records[records["status"] != "success"]
     if len(bad):
         listed = ", ".join(f"{Path(p).stem} ({s})" for p, s in zip(bad["path"], bad["status"]))

@@ -93,6 +93,9 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: the model has no trainable parameters")
+    if steps_per_epoch < 1:
+        raise ValueError(f"fit: steps_per_epoch={steps_per_epoch}: no full batch to train on (fewer training "
+                         "examples than one batch)")
     device = params[0].device
     total_batches = max(1, round(optim.epochs * steps_per_epoch))
     total_steps = math.ceil(total_batches / optim.grad_accumulation)

@@ -114,6 +114,8 @@ def test_killed_sweep_resumes_without_losing_records(tmp_path):
     # the sweeper launches only the missing runs (hydra/sweeper=skip_finished); none of them finds a finished record
     assert f"{len(done)} of 3 runs have a finished record: launching {3 - len(done)}" in log
     assert "skip (finished record exists)" not in log
+    todo = 3 - len(done)  # the sweep's progress: one "k of N" line per landed record
+    assert all(f"[{k} of {todo}] success: math--" in log for k in range(1, todo + 1)), log[-4000:]
     records = [json.loads(p.read_text()) for p in tmp_path.glob("dev/*.json")]
     assert sorted(r["run"]["seed"] for r in records) == [0, 1, 2] and all(r["status"] == "success" for r in records)
     for name, text in done.items():
@@ -152,3 +154,32 @@ def test_unknown_init_or_task_lists_the_valid_ones(tmp_path):
         compose_run(tmp_path, "init=evaa")
     with pytest.raises(MissingConfigException, match="commonsense"):
         compose_run(tmp_path, "task=maths")
+
+
+def test_a_nan_model_is_recorded_as_diverged_with_null_metrics(tmp_path):
+    """lr 1e3 without clipping: training ends with finite logged losses, the weights score NaN on test."""
+    record = run(compose_run(tmp_path, "task=math", "optim.lr=1e3", "optim.max_grad_norm=null", "task.train.limit=64",
+                             "task.eval_limit=8", "~task.evals.math", "task.evals.gsm8k.metrics=[nll]"))
+    assert record["status"] == "diverged"
+    written = json.loads(next(tmp_path.glob("dev/*.json")).read_text())  # strict JSON: NaN would not parse
+    assert written["status"] == "diverged" and written["metrics"]["gsm8k/nll"] is None
+    assert "metrics.gsm8k/nll" in written["non_finite"]
+
+
+def test_fewer_examples_than_one_batch_is_an_error_not_a_success(tmp_path):
+    with pytest.raises(ValueError, match="no full batch to train on"):
+        run(compose_run(tmp_path, "task=math", "task.train.limit=10"))
+    record = json.loads(next(tmp_path.glob("dev/*.json")).read_text())
+    assert record["status"] == "failed" and "no full batch" in record["error"]
+
+
+def test_an_edited_record_is_set_aside_and_its_run_redone(tmp_path):
+    first = run(compose_run(tmp_path, "task=math"))
+    path = next(tmp_path.glob("dev/*.json"))
+    nll = first["metrics"]["gsm8k/nll"]
+    path.write_text(path.read_text().replace(repr(nll), repr(nll - 1)))  # a hand edit of a measured value
+    with pytest.warns(UserWarning, match="edited after it was written.*moved to"):
+        again = run(compose_run(tmp_path, "task=math"))
+    assert again["started_at"] >= first["finished_at"] and again["metrics"]["gsm8k/nll"] == pytest.approx(nll)
+    aside = list(tmp_path.glob("dev/*.json.invalid-*"))
+    assert len(aside) == 1 and repr(nll - 1) in aside[0].read_text()  # kept, never silently overwritten

@@ -105,7 +105,8 @@ def test_a_preempted_job_is_requeued_and_its_run_finishes(tmp_path):
 
 def test_a_second_job_with_the_same_run_id_waits_then_skips(tmp_path, capsys):
     path = tmp_path / "exp" / "math--m--eva--r2--s0--abc.json"
-    running, waiting = (RunContext(config={}, run={"experiment": "exp"}, path=path) for _ in range(2))
+    run = {"experiment": "exp", "task": "math", "model": "m", "init": "eva", "rank": 2, "seed": 0, "config_hash": "abc"}
+    running, waiting = (RunContext(config={}, run=run, path=path) for _ in range(2))
     assert not running.finished()  # the first job holds the record now
     answer = {}
     second = threading.Thread(target=lambda: answer.setdefault("finished", waiting.finished()))

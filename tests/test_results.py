@@ -1,30 +1,74 @@
-"""Run records: atomic writes, round trip, resume semantics, provenance."""
+"""Run records: atomic writes, round trip, resume semantics, provenance, and records that cannot be trusted."""
 
 import json
+import math
+import os
+import stat
 
 import pytest
 
 from eva_bench import results
 
+RUN = {"experiment": "exp", "task": "math", "model": "m", "init": "eva", "rank": 2, "seed": 0, "config_hash": "abcd1234"}
+
 
 def test_round_trip_and_finished(tmp_path):
     path = results.record_path(tmp_path, "exp", "math--m--eva--r2--s0--abcd1234")
     assert not results.is_finished(path) and results.read_record(path) is None
-    results.write_record(path, {"run": {"init": "eva"}, "status": "success", "metrics": {"x/nll": 1.5}})
+    results.write_record(path, {"run": RUN, "status": "success", "metrics": {"x/nll": 1.5}})
     record = results.read_record(path)
     assert record["schema"] == results.SCHEMA and record["metrics"] == {"x/nll": 1.5}
     assert results.is_finished(path)
-    results.write_record(path, {"run": {}, "status": "diverged"})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # a teammate's reader on a shared cluster can read it
+    results.write_record(path, {"run": RUN, "status": "diverged"})
     assert results.is_finished(path)  # a diverged run is a result, not something to retry
-    results.write_record(path, {"run": {}, "status": "failed"})
+    results.write_record(path, {"run": RUN, "status": "failed"})
     assert not results.is_finished(path)  # a failed run is retried on the next sweep
+
+
+def test_non_finite_numbers_are_written_as_null_and_listed(tmp_path):
+    path = tmp_path / "exp" / "run.json"
+    results.write_record(path, {"run": RUN, "status": "diverged", "metrics": {"x/nll": math.nan},
+                                "train": {"curve": [[1, 2.0], [2, math.inf]]}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    record = json.loads(text)  # strict JSON
+    assert record["metrics"] == {"x/nll": None} and record["train"]["curve"][1] == [2, None]
+    assert record["non_finite"] == ["metrics.x/nll", "train.curve[1][1]"]
+    assert results.read_record(path) == record
+
+
+@pytest.mark.parametrize("content,why", [
+    ("{x", "unreadable"),
+    ("[]", "not a record (a JSON list)"),
+    ('{"status": "success"}', "no run keys"),
+    (json.dumps({"run": {**RUN, "seed": "0"}, "status": "success", "metrics": {}}), "wrong type: seed"),
+    (json.dumps({"run": RUN, "status": "done", "metrics": {}}), "status 'done'"),
+    (json.dumps({"run": RUN, "status": "success", "metrics": {"x/nll": None}}), "non-finite metric"),
+])
+def test_an_invalid_record_is_named_and_not_finished(tmp_path, content, why):
+    path = tmp_path / "exp" / "run.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    record, problem = results.check_record(path)
+    assert record is None and why in problem
+    assert not results.is_finished(path)
+
+
+def test_an_edited_metric_breaks_the_digest(tmp_path):
+    path = tmp_path / "exp" / "run.json"
+    results.write_record(path, {"run": RUN, "status": "success", "metrics": {"x/nll": 1.5}})
+    assert results.check_record(path)[1] is None
+    path.write_text(path.read_text().replace("1.5", "1.4"))
+    assert results.check_record(path) == (None, "edited after it was written (its digest does not match its content)")
+    assert not results.is_finished(path)
 
 
 def test_killed_write_leaves_no_file(tmp_path):
     path = tmp_path / "exp" / "run.json"
 
     with pytest.raises(TypeError):
-        results.write_record(path, {"status": "success", "x": _unserialisable()})
+        results.write_record(path, {"run": RUN, "status": "success", "x": _unserialisable()})
     assert not path.exists()
     assert list(path.parent.iterdir()) == []  # the temp file is gone too
 
@@ -39,9 +83,9 @@ def _unserialisable():
 
 def test_existing_record_survives_a_failed_rewrite(tmp_path):
     path = tmp_path / "exp" / "run.json"
-    results.write_record(path, {"status": "success", "metrics": {"a": 1}})
+    results.write_record(path, {"run": RUN, "status": "success", "metrics": {"a": 1}})
     with pytest.raises(TypeError):
-        results.write_record(path, {"status": "success", "x": _unserialisable()})
+        results.write_record(path, {"run": RUN, "status": "success", "x": _unserialisable()})
     assert json.loads(path.read_text())["metrics"] == {"a": 1}
 
 
@@ -66,5 +110,16 @@ def test_load_records_flattens_metrics(tmp_path):
         results.write_record(tmp_path / "e" / f"r{seed}.json", {"run": run, "status": "success",
                                                                  "metrics": {"g/nll": 1.0 + seed}})
     (tmp_path / "e" / "corrupt.json").write_text("{not json")
-    df = results.load_records(tmp_path)
+    with pytest.warns(UserWarning, match="invalid record left out: .*corrupt.json: unreadable"):
+        df = results.load_records(tmp_path)
     assert len(df) == 2 and sorted(df["metric.g/nll"]) == [1.0, 2.0]
+    assert [(os.path.basename(p), why.split(" ")[0]) for p, why in df.attrs["invalid"]] == [("corrupt.json", "unreadable")]
+
+
+def test_a_stale_temp_file_of_a_killed_writer_is_removed_on_the_next_write(tmp_path):
+    path = tmp_path / "exp" / "run.json"
+    path.parent.mkdir()
+    stale = path.parent / ".run.k1ll3d.tmp"
+    stale.write_text('{"half": ')
+    results.write_record(path, {"run": RUN, "status": "failed"})
+    assert not stale.exists() and results.read_record(path)["status"] == "failed"

@@ -93,3 +93,16 @@ def test_which_metrics_are_better_low():
     assert all(tables.lower_is_better(m) for m in ("gsm8k/nll", "train/loss", "validation/action_mse",
                                                     "rollout/errors"))
     assert not any(tables.lower_is_better(m) for m in ("test/accuracy", "rollout/success_rate", "rollout/return"))
+
+
+def test_an_edited_or_unreadable_record_is_named_in_the_table_header(tmp_path):
+    write_fixture_records(tmp_path)
+    edited = tmp_path / "demo" / "eva-2-0.json"
+    edited.write_text(edited.read_text().replace('"gsm8k/nll": 2.8', '"gsm8k/nll": 1.8'))
+    (tmp_path / "demo" / "junk.json").write_text("[]")
+    with pytest.warns(UserWarning, match="invalid record left out"):
+        tables.write_tables(tmp_path, "demo", tmp_path / "tables")
+    header = (tmp_path / "tables" / "demo.md").read_text().split("\n\n|")[0]
+    assert "Invalid records, left out" in header and "eva-2-0.json (edited after it was written" in header
+    assert "junk.json (not a record (a JSON list))" in header
+    assert "Runs: 11 (" in header  # the edited one is not counted

@@ -83,33 +83,37 @@ class SkipFinishedSweeper(BasicSweeper):
         with open_dict(cfg):
             del cfg["hydra"]  # a run's config, as the job will see it (its hash never includes hydra)
         ctx = self.context(cfg)
-        return None if not cfg.get("force") and results.is_finished(ctx.path) else ctx
+        record, problem = results.check_record(ctx.path)
+        if problem not in (None, "missing"):  # the run moves it aside and redoes it (RunContext.finished)
+            log.warning(f"invalid record {ctx.path}: {problem}; launching its run again")
+        finished = record is not None and record["status"] in results.FINISHED
+        return None if finished and not cfg.get("force") else ctx
 
     def _log_plan(self, todo: list, contexts: list) -> None:
         """The runs to launch (each, in a dry run), and the estimated wall time from the reference's run times."""
-        from eva_bench.reproduce import REFERENCE
-
-        if not todo:
-            return
-        reference = Path(self.reference) if self.reference else REFERENCE
-        estimate = plan_seconds([ctx for _, ctx in todo], reference)
-        workers = self._parallelism(len(todo))
         if self.dry_run:
             for job, ctx in todo:
                 log.info(f"would launch {ctx.path.stem}  ({' '.join(job)})")
-        where = todo[0][1].path.parent
+        if todo:
+            log.info(self._estimate([ctx for _, ctx in todo]))
+        if self.dry_run:
+            log.info("dry run: nothing launched")
+
+    def _estimate(self, contexts: list) -> str:
+        from eva_bench.reproduce import REFERENCE
+
+        reference = Path(self.reference) if self.reference else REFERENCE
+        estimate, where = plan_seconds(contexts, reference), contexts[0].path.parent
         if estimate["known"] == 0:
-            log.info(f"plan: {len(todo)} runs into {where}; no reference record under {reference} to estimate from")
-            return
-        untimed, selection = len(todo) - estimate["known"], estimate["selection"]
+            return f"plan: {len(contexts)} runs into {where}; no reference record under {reference} to estimate from"
+        untimed, selection = len(contexts) - estimate["known"], estimate["selection"]
         basis = [f"{estimate['known']} timed by their reference record"] + \
             ([f"{untimed} at their median"] if untimed else []) + \
             ([f"{selection} lr-selection runs still to do"] if selection else [])
-        log.info(f"plan: {len(todo)} runs into {where}, {workers} at a time ({self._launcher_name()}): about "
-                 f"{clock(estimate['seconds'] / workers)} wall, {clock(estimate['seconds'])} of run time "
-                 f"({', '.join(basis)}; from {reference} on {estimate['cpu']})")
-        if self.dry_run:
-            log.info("dry run: nothing launched")
+        workers = self._parallelism(len(contexts))
+        return (f"plan: {len(contexts)} runs into {where}, {workers} at a time ({self._launcher_name()}): about "
+                f"{clock(estimate['seconds'] / workers)} wall, {clock(estimate['seconds'])} of run time "
+                f"({', '.join(basis)}; from {reference} on {estimate['cpu']})")
 
     def _launcher_name(self) -> str:
         return str(self.config.hydra.launcher.get("_target_", "?")).rsplit(".", 1)[-1]
