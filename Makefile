@@ -70,15 +70,19 @@ reproduce-language: $(STAMP)
 	$(call reproduce,tasks.language.train,$(EXPERIMENT))
 
 # The vision sweep (CPU default: the Fashion-MNIST-pretrained tiny ViT on five VTAB-1K-style tasks, ~20 min on 2
-# cores): the backbone is built first with every core (cached), then the sweep, then its tables.
+# cores): the backbone is built first (one thread, cached), then the sweep, its tables and comparison, then the
+# backbone's SHA-256 against the committed manifest (results/artifacts.json).
 reproduce-vision: $(STAMP) $(FASHION_MNIST)
 	$(if $(DRY_RUN),,$(PY) -m tasks.vision.prepare experiment=$(VISION_EXPERIMENT))
 	$(call reproduce,tasks.vision.train,$(VISION_EXPERIMENT))
+	$(if $(DRY_RUN),,$(PY) -m eva_bench.artifacts vision)
 
 # The RL sweep (CPU default: Meta-World expert data as Minari datasets, a decision transformer pretrained on 10 tasks,
-# LoRA-fine-tuned on 3 held-out ones); data generation and pretraining happen once, cached, inside the first run.
+# LoRA-fine-tuned on 3 held-out ones); data generation and pretraining happen once, cached, inside the first run;
+# last, the datasets' and checkpoint's SHA-256s against the committed manifest (results/artifacts.json).
 reproduce-rl: $(STAMP)
 	$(call reproduce,tasks.rl.train,$(RL_EXPERIMENT))
+	$(if $(DRY_RUN),,$(PY) -m eva_bench.artifacts rl)
 
 # Promote the fresh records of EXPERIMENT (default language_cpu) to the committed reference, then rebuild its tables:
 # review the comparison first, then commit results/ (see README, "Reproducing")

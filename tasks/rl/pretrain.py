@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eva_bench import distributed
+from eva_bench.artifacts import BUILD_THREADS, dataset_content_hash, machine, pinned_threads, sha256_file
 from eva_bench.assets import cache_dir
 from eva_bench.locks import exclusive
 from eva_bench.recipe import seed_everything
@@ -28,7 +29,7 @@ from tasks.rl import envs, models
 from tasks.rl.evaluate import rollout
 from tasks.rl.sequences import SequenceDataset, StateNormalizer
 
-FORMAT = 1  # bump when pretraining changes: every cached checkpoint is rebuilt
+FORMAT = 2  # bump when pretraining changes: every cached checkpoint is rebuilt (2: pinned threads, seeded after data)
 PRETRAIN_SEED = 0  # one pretrained model serves every fine-tuning seed (the paper fine-tunes one checkpoint)
 
 
@@ -53,18 +54,20 @@ def checkpoint_key(cfg: DictConfig) -> str:
         "data": OmegaConf.to_container(cfg.task.data, resolve=True),
         "return_scale": cfg.task.return_scale,
         "eval_episodes": cfg.task.pretrain_eval_episodes,
+        "threads": BUILD_THREADS,
         "format": FORMAT,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def pretrained(cfg: DictConfig):
-    """(model, meta): the cached pretrained DT for ``cfg``, trained first if missing."""
+    """(model, meta): the cached pretrained DT for ``cfg``, trained first if missing. ``meta["path"]`` is the
+    checkpoint's folder; ``meta["weights_sha256"]`` names its weights, ``meta["datasets"]`` its data."""
     for task in [*cfg.task.pretrain_tasks, cfg.task.finetune]:
         envs.check_task(task)
     if cfg.task.finetune in cfg.task.pretrain_tasks:
         raise ValueError(f"fine-tuning task {cfg.task.finetune!r} is also a pretraining task: it must be held out")
-    path = cache_dir() / "rl_pretrained" / f"{cfg.model.name}-{checkpoint_key(cfg)}"
+    path = checkpoint_folder(cfg)
     with exclusive(path.with_suffix(".lock")):
         if not (path / "meta.json").exists():
             if path.exists():
@@ -75,13 +78,26 @@ def pretrained(cfg: DictConfig):
 
     meta = json.loads((path / "meta.json").read_text())
     meta["normalizer"] = StateNormalizer(np.asarray(meta["state_mean"]), np.asarray(meta["state_std"]))
+    meta["path"] = str(path)
     return DecisionTransformerModel.from_pretrained(path), meta
 
 
+def checkpoint_folder(cfg: DictConfig) -> Path:
+    """Where the pretrained DT of ``cfg`` is cached (``model.safetensors``, ``config.json``, ``meta.json``)."""
+    return cache_dir() / "rl_pretrained" / f"{cfg.model.name}-{checkpoint_key(cfg)}"
+
+
 def _pretrain(cfg: DictConfig, path: Path) -> None:
-    seed_everything(PRETRAIN_SEED)
     specs = [expert_spec(cfg, t) for t in cfg.task.pretrain_tasks]
     datasets = rl_data.expert_datasets(specs, n_jobs=cfg.task.get("data_jobs", 1))
+    # BUILD_THREADS torch threads whatever the calling run's own (a sweep job's 1, a single run's all cores): the
+    # thread count changes the weights' last bits. Seeded after the data, which is loaded or built in this process.
+    with pinned_threads(BUILD_THREADS):
+        seed_everything(PRETRAIN_SEED)
+        _pretrain_pinned(cfg, path, specs, datasets)
+
+
+def _pretrain_pinned(cfg: DictConfig, path: Path, specs: list, datasets: list) -> None:
     episodes = [ep for d in datasets for ep in rl_data.load_episodes(d)]
     windows = SequenceDataset(episodes, cfg.model.context, cfg.task.return_scale)
     model = build_model(cfg).to(distributed.device(cfg.get("device")))  # paper scale: pretrain on the GPU
@@ -106,6 +122,9 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
         "state_mean": windows.normalizer.mean.tolist(), "state_std": windows.normalizer.std.tolist(),
         "final_loss": result.final_loss, "steps": result.optimizer_steps, "seconds": result.seconds,
         "success": success, "success_rate": float(np.mean(list(success.values()))),
+        "weights_sha256": sha256_file(tmp / "model.safetensors"), "threads": BUILD_THREADS, "machine": machine(),
+        "datasets": {spec.task: {"id": spec.dataset_id, "content_sha256": dataset_content_hash(d)}
+                     for spec, d in zip(specs, datasets)},
     }
     (tmp / "meta.json").write_text(json.dumps(meta))
     tmp.rename(path)  # complete or absent

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench import protocol
+from eva_bench.artifacts import dataset_content_hash
 from eva_bench.init import Calibration
 from eva_bench.recipe import RunContext, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -48,7 +49,15 @@ def run(cfg: DictConfig) -> dict:
         seed_everything(cfg.seed)
         task = cfg.task.finetune
         spec = expert_spec(cfg, task)
-        episodes = rl_data.load_episodes(rl_data.dataset(spec), envs.make(task, spec.max_episode_steps))
+        dataset = rl_data.dataset(spec)
+        episodes = rl_data.load_episodes(dataset, envs.make(task, spec.max_episode_steps))
+        # which builds: the checkpoint's weights and every dataset by content hash (a rebuild on another kind of CPU
+        # can differ in the last bits, so records are comparable run to run only on the same artifacts)
+        record.body["artifacts"] = {
+            "checkpoint": {k: meta[k] for k in ("path", "weights_sha256", "threads", "machine")},
+            "pretrain_datasets": meta["datasets"],
+            "finetune_dataset": {"id": spec.dataset_id, "content_sha256": dataset_content_hash(dataset)},
+        }
         # tuned protocol: a selection run trains on the episodes minus validation_size held-out ones, scored on those
         episodes, validation = protocol.split(cfg, episodes)
         windows = SequenceDataset(episodes, cfg.model.context, cfg.task.return_scale, normalizer=meta["normalizer"])
@@ -100,7 +109,8 @@ def run(cfg: DictConfig) -> dict:
             "pretrain/success_rate": meta["success_rate"],  # the pretrained policy on its own (MT) tasks
         })
         record.body["rollout_errors"] = out["error_messages"]
-        record.body["pretrain"] = {k: v for k, v in meta.items() if k not in ("normalizer", "state_mean", "state_std")}
+        record.body["pretrain"] = {k: v for k, v in meta.items()
+                                   if k not in ("normalizer", "state_mean", "state_std", "datasets", "path")}
         return record.finish("success")
 
 

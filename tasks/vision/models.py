@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from eva_bench import distributed
+from eva_bench.artifacts import BUILD_THREADS, machine, pinned_threads, sha256_file
 from eva_bench.assets import cache_dir, require_hub
 from eva_bench.locks import exclusive
 from eva_bench.train import OptimConfig, fit
 from tasks.vision import data as vision_data
 
-CACHE_VERSION = 1  # bump when the pretraining code changes what a cached backbone contains
+CACHE_VERSION = 2  # bump when the pretraining code changes what a cached backbone contains (2: pinned threads)
 
 
 @dataclass
@@ -74,27 +75,36 @@ def tiny_vit(image_size: int, patch_size: int, in_chans: int, embed_dim: int, de
 
 
 def pretrained_tiny_vit(name: str, architecture: dict, pretrain: dict, threads: int | None = None) -> Backbone:
-    """The CPU default's backbone, pretrained on Fashion-MNIST train (cached by the hash of this config)."""
-    spec = {"version": CACHE_VERSION, "architecture": dict(architecture), "pretrain": dict(pretrain)}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    folder = cache_dir() / "backbones" / f"{name}-{digest}"
+    """The CPU default's backbone, pretrained on Fashion-MNIST train (cached by the hash of this config).
+    ``threads``: torch threads of the build (None: ``BUILD_THREADS``); part of the cache key, since the thread count
+    changes the weights' last bits (eva_bench/artifacts.py)."""
+    spec = backbone_spec(architecture, pretrain, threads)
+    folder = backbone_folder(name, spec)
     with exclusive(folder.with_suffix(".lock")):  # many runs may start together: one builds, the others wait
         meta = _valid_cache(folder)
         if meta is None:
             with distributed.local():  # under torchrun one rank builds it alone while the others wait on the lock
-                meta = _pretrain(folder, spec, threads)
+                meta = _pretrain(folder, spec)
     model = tiny_vit(**architecture, num_classes=10)
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
-    # the weights' SHA-256 names the build: a rebuild (other CPU thread count, other machine) can differ in the last
-    # bits, and fine-tuning amplifies that, so records are comparable run to run only on one build
-    kept = ("sha256", "fashion_mnist_test_accuracy", "pretrain_seconds")
+    # the weights' SHA-256 names the build: a build on another kind of CPU can differ in the last bits (other
+    # kernels), and fine-tuning amplifies that, so records are comparable run to run only on one build
+    kept = ("sha256", "fashion_mnist_test_accuracy", "pretrain_seconds", "threads", "machine")
     info = {"cache": str(folder), **{k: meta[k] for k in kept}}
     return Backbone(model.eval(), architecture["image_size"], architecture["in_chans"], tuple(pretrain["mean"]),
                     tuple(pretrain["std"]), info=info)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def backbone_spec(architecture: dict, pretrain: dict, threads: int | None = None) -> dict:
+    """Everything that determines a built backbone: its cache key."""
+    return {"version": CACHE_VERSION, "architecture": dict(architecture), "pretrain": dict(pretrain),
+            "threads": int(threads or BUILD_THREADS)}
+
+
+def backbone_folder(name: str, spec: dict) -> Path:
+    """Where the backbone of ``spec`` (version, architecture, pretrain, threads) is cached."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir() / "backbones" / f"{name}-{digest}"
 
 
 def _valid_cache(folder: Path) -> dict | None:
@@ -104,7 +114,7 @@ def _valid_cache(folder: Path) -> dict | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta["sha256"] == _sha256(weights):
+        if meta["sha256"] == sha256_file(weights):
             return meta
     except (json.JSONDecodeError, KeyError):
         pass
@@ -112,13 +122,17 @@ def _valid_cache(folder: Path) -> dict | None:
     return None
 
 
-def _pretrain(folder: Path, spec: dict, threads: int | None) -> dict:
-    """Supervised pretraining on Fashion-MNIST train with the shared loop; test accuracy recorded beside it."""
+def _pretrain(folder: Path, spec: dict) -> dict:
+    """Supervised pretraining on Fashion-MNIST train with the shared loop, on ``spec["threads"]`` torch threads
+    whatever the caller's (a sweep job's 1, prepare's all cores); test accuracy recorded beside it."""
+    with pinned_threads(spec["threads"]):
+        return _pretrain_pinned(folder, spec)
+
+
+def _pretrain_pinned(folder: Path, spec: dict) -> dict:
     from tqdm import tqdm
 
     arch, cfg = spec["architecture"], spec["pretrain"]
-    if threads:
-        torch.set_num_threads(int(threads))
     torch.manual_seed(cfg["seed"])
     model = tiny_vit(**arch, num_classes=10)
     backbone = Backbone(model, arch["image_size"], arch["in_chans"], tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -156,7 +170,8 @@ def _pretrain(folder: Path, spec: dict, threads: int | None) -> dict:
     torch.save(model.state_dict(), tmp)
     tmp.replace(folder / "weights.pt")
     meta = {
-        **spec, "sha256": _sha256(folder / "weights.pt"), "fashion_mnist_test_accuracy": accuracy,
+        **spec, "sha256": sha256_file(folder / "weights.pt"), "machine": machine(),
+        "fashion_mnist_test_accuracy": accuracy,
         "pretrain_seconds": result.seconds, "pretrain_final_loss": result.final_loss, "created": time.time(),
         "images_per_second": result.examples / result.seconds if result.seconds else None,
     }

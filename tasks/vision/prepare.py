@@ -1,5 +1,6 @@
 """Build (or verify) an experiment's backbone before its sweep starts: the CPU default pretrains its ViT here, once,
-with every core, instead of inside the first one-thread sweep job while the other waits on the lock.
+instead of inside the first sweep job while the other waits on the lock. The build runs on
+``eva_bench.artifacts.BUILD_THREADS`` torch threads wherever it runs, so both give the same bits.
 
     python -m tasks.vision.prepare experiment=vision_cpu
 """
