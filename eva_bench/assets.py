@@ -3,12 +3,21 @@
 Order: the offline data root (``EVA_BENCH_DATA``, default ``../shared/data`` beside the repository) for local assets,
 the Hugging Face cache / hub for hub ids. Every miss is a clear error that names the asset and how to provide it,
 raised before any training starts.
+
+A run names the data it read: every file ``asset`` resolves inside ``files_read()`` (the recipe's recording block)
+goes into the record's provenance with its SHA-256, so a record from a truncated or edited copy of a data root can be
+told from one on the real files. ``check_documented_rows`` warns when a file holds fewer rows than the data root's
+``SOURCES.md`` documents.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import socket
+import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +60,65 @@ def asset(relpath: str | os.PathLike, how_to_get: str = "", fallbacks: tuple[str
             f"(EVA_BENCH_DATA={os.environ.get('EVA_BENCH_DATA', 'unset')}). Set EVA_BENCH_DATA to the offline data "
             f"root, on a cluster one every node mounts (the repository's ../shared/data; see its SOURCES.md).{hint}"
         )
+    for found in _READING:
+        found.add(path)
     return path
+
+
+_READING: list[set] = []  # the open files_read() blocks, each collecting the assets resolved inside it
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256: a sweep worker hashes each file once
+
+
+@contextlib.contextmanager
+def files_read():
+    """The set of asset paths resolved inside the block (data read through a per-process cache is resolved again
+    by its caller, so every run of a sweep worker names it)."""
+    found: set = set()
+    _READING.append(found)
+    try:
+        yield found
+    finally:
+        _READING.remove(found)
+
+
+def file_hashes(paths) -> dict[str, str]:
+    """{path: SHA-256} of files (a directory's files, each)."""
+    out = {}
+    for path in sorted({Path(p) for p in paths}):
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                stat = file.stat()
+                key = (str(file), stat.st_size, stat.st_mtime_ns)
+                if key not in _HASHES:
+                    _HASHES[key] = hashlib.sha256(file.read_bytes()).hexdigest()
+                out[str(file)] = _HASHES[key]
+    return out
+
+
+def documented_rows(relpath: str) -> int | None:
+    """The fewest rows the data root's SOURCES.md documents for a file (its table's ``rows`` column: "7,473", or
+    "500–3,270 each" for a pattern like ``commonsense/<task>/test.json``); None when it documents no count."""
+    sources = data_root() / "SOURCES.md"
+    if not sources.exists():
+        return None
+    for line in sources.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0] or cells[0] in ("path", "---"):
+            continue
+        pattern = "[^/]+".join(re.escape(part) for part in re.split(r"<\w+>", cells[0]))  # <task>: any name
+        number = re.match(r"[\d,]+", cells[2])
+        if number and re.fullmatch(pattern, str(relpath)):
+            return int(number.group().replace(",", ""))
+    return None
+
+
+def check_documented_rows(relpath: str, rows: int) -> None:
+    """Warn when a data file holds fewer rows than SOURCES.md documents (a truncated copy trains on less, silently
+    otherwise)."""
+    expected = documented_rows(relpath)
+    if expected is not None and rows < expected:
+        warnings.warn(f"{asset(relpath)} holds {rows:,} rows, fewer than the {expected:,} its SOURCES.md documents: "
+                      f"a truncated copy? Records name the file's SHA-256 under provenance.data.", stacklevel=2)
 
 
 def hub_offline() -> bool:

@@ -33,7 +33,8 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, locks, results
+from . import assets, distributed, locks, results
+from .checks import check_config
 from .tracking import make_tracker
 
 
@@ -119,8 +120,9 @@ class RunContext:
         ``keys``: further run keys tables group by (vision: ``task_group``, to average within VTAB groups).
         Under torchrun this process first joins the job's process group."""
         check_domain(cfg, domain)
-        distributed.setup()
         config = OmegaConf.to_container(cfg, resolve=True)
+        check_config(config)  # before any work: a sweep fails at its plan, before launching a run
+        distributed.setup()
         run = {
             "experiment": cfg.experiment_name,
             "task": task,
@@ -179,24 +181,26 @@ class RunContext:
         logger = dict(self.config.get("logger") or {}) if leader else {}
         kind = logger.pop("kind", "none")
         tracker = make_tracker(kind, group=self.run["experiment"], name=self.path.stem, config=self.config, **logger)
-        record = Recorder(self, tracker)
-        record.protocol(selection)
         set_threads(self.config.get("threads"))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        try:
-            yield record
-        except BaseException as error:
-            record.fail(error)
-            raise
-        finally:
-            self._release()
+        with assets.files_read() as data:  # the data files this run reads, named with their SHA-256 in its record
+            record = Recorder(self, tracker, data=data)
+            record.protocol(selection)
+            try:
+                yield record
+            except BaseException as error:
+                record.fail(error)
+                raise
+            finally:
+                self._release()
 
 
 @dataclass
 class Recorder:
     ctx: RunContext
     tracker: object
+    data: set = field(default_factory=set)  # the data files read (assets.files_read)
     started_at: str = field(default_factory=results.now)
     start: float = field(default_factory=time.perf_counter)
     body: dict = field(default_factory=dict)
@@ -237,7 +241,7 @@ class Recorder:
             "config": self.ctx.config,
             "seconds": time.perf_counter() - self.start,
             "peak_memory": results.peak_memory_bytes(),
-            "provenance": results.provenance(),
+            "provenance": {**results.provenance(), "data": assets.file_hashes(self.data)},
             "started_at": self.started_at,
             "finished_at": results.now(),
         }

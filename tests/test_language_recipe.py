@@ -1,6 +1,7 @@
 """The language recipe end to end on the real stories260K: a few steps per task, records, resume, bad input."""
 
 import json
+import shutil
 import math
 import os
 import signal
@@ -167,10 +168,44 @@ def test_a_nan_model_is_recorded_as_diverged_with_null_metrics(tmp_path):
 
 
 def test_fewer_examples_than_one_batch_is_an_error_not_a_success(tmp_path):
-    with pytest.raises(ValueError, match="no full batch to train on"):
+    with pytest.raises(ValueError, match="fewer than one batch of data.batch_size=16: nothing to train on"):
         run(compose_run(tmp_path, "task=math", "task.train.limit=10"))
     record = json.loads(next(tmp_path.glob("dev/*.json")).read_text())
-    assert record["status"] == "failed" and "no full batch" in record["error"]
+    assert record["status"] == "failed" and "nothing to train on" in record["error"]
+    assert "init" not in record.get("init_report", {}) and not record.get("train")  # failed before any work
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch):
+    """A copy of the data root's GSM8K files to damage (the real root is never touched)."""
+    from eva_bench.assets import data_root
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root() / "gsm8k", root / "gsm8k")
+    for entry in data_root().iterdir():
+        if entry.name != "gsm8k":
+            (root / entry.name).symlink_to(entry)  # the model and other sets, unchanged
+    monkeypatch.setenv("EVA_BENCH_DATA", str(root))
+    return root
+
+
+def test_a_test_file_cut_mid_line_fails_the_run_before_training_naming_file_and_line(tmp_path, data_copy):
+    test = data_copy / "gsm8k" / "test.jsonl"
+    lines = test.read_text().splitlines()
+    test.write_text("\n".join(lines[:99]) + "\n" + lines[99][:40])  # a copy that stopped mid-row
+    with pytest.raises(ValueError, match=f"{test}, line 100: not a JSON row"):
+        run(compose_run(tmp_path / "runs", "task=math", "~task.evals.math"))
+    record = json.loads(next((tmp_path / "runs").glob("dev/*.json")).read_text())
+    assert record["status"] == "failed" and not record.get("train")  # it never trained
+
+
+def test_a_training_row_without_its_answer_is_named(tmp_path, data_copy):
+    train = data_copy / "gsm8k" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    del rows[6]["answer"]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=f"{train}, line 7: no field 'answer' \\(the row has 'question'\\)"):
+        run(compose_run(tmp_path / "runs", "task=math", "task.train.limit=null"))
 
 
 def test_an_edited_record_is_set_aside_and_its_run_redone(tmp_path):
@@ -183,3 +218,16 @@ def test_an_edited_record_is_set_aside_and_its_run_redone(tmp_path):
     assert again["started_at"] >= first["finished_at"] and again["metrics"]["gsm8k/nll"] == pytest.approx(nll)
     aside = list(tmp_path.glob("dev/*.json.invalid-*"))
     assert len(aside) == 1 and repr(nll - 1) in aside[0].read_text()  # kept, never silently overwritten
+
+
+def test_a_short_copy_of_a_data_file_warns_and_its_record_names_the_files_read(tmp_path, data_copy):
+    import hashlib
+
+    train = data_copy / "gsm8k" / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:60]))  # 60 of 7,473 rows
+    with pytest.warns(UserWarning, match=f"{train} holds 60 rows, fewer than the 7,473 its SOURCES.md documents"):
+        record = run(compose_run(tmp_path / "runs", "task=math", "~task.evals.math"))
+    data = record["provenance"]["data"]
+    assert data[str(train)] == hashlib.sha256(train.read_bytes()).hexdigest()  # the short copy, by its hash
+    assert str(data_copy / "gsm8k" / "test.jsonl") in data
+    assert any(path.endswith("stories260K.bin") for path in data)  # the model's file too

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from eva_bench.assets import asset, require_hub
+from eva_bench.assets import asset, check_documented_rows, require_hub
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,48 @@ def render_prompt(instruction: str, input_text: str = "") -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(relpath: str) -> list[dict[str, Any]]:
-    with open(asset(relpath), encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+class DataError(ValueError):
+    """A data file that cannot give the task's examples; the message names the file and the row."""
 
 
-def _read_json(relpath: str) -> list[dict[str, Any]]:
-    with open(asset(relpath), encoding="utf-8") as fh:
-        return json.load(fh)
+def _read_rows(relpath: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every row of a JSON Lines file or a JSON list, each with where it is (``<file>, line <n>`` / ``item <n>``):
+    a line cut mid-way or a file that is not a list is an error naming the file and line."""
+    path = asset(relpath)
+    with open(path, encoding="utf-8") as fh:
+        if path.suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"{path}, line {n}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}, line {n}: not a JSON row ({error.msg})") from None
+            check_documented_rows(relpath, len(rows))
+            return rows
+        try:
+            items = json.load(fh)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of rows, found a {type(items).__name__}")
+    check_documented_rows(relpath, len(items))
+    return [(f"{path}, item {n}", row) for n, row in enumerate(items, 1)]
+
+
+def _examples(rows: list[tuple[str, dict[str, Any]]], make) -> list[Example]:
+    """``make(row)`` for each row; a row without a field the task needs, or with one it cannot read, is an error
+    naming its file and row."""
+    out = []
+    for where, row in rows:
+        try:
+            out.append(make(row))
+        except KeyError as error:
+            raise DataError(f"{where}: no field {error.args[0]!r} (the row has {', '.join(map(repr, row))})") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise DataError(f"{where}: {error}") from None
+    return out
 
 
 def _subset(items: list, limit: int | None, seed: int) -> list:
@@ -149,8 +183,8 @@ def math_train(source: str = "gsm8k", limit: int | None = None, seed: int = 0) -
     LLM-Adapters' math_data.json here: it contains GSM8K test questions.
     """
     if source == "gsm8k":
-        rows = _subset(_read_jsonl("gsm8k/train.jsonl"), limit, seed)
-        return [_gsm8k_example(r, "gsm8k_train") for r in rows]
+        rows = _subset(_read_rows("gsm8k/train.jsonl"), limit, seed)
+        return _examples(rows, lambda r: _gsm8k_example(r, "gsm8k_train"))
     if source == "metamathqa":
         require_hub(METAMATHQA_ID, repo_type="dataset")
         from datasets import load_dataset
@@ -173,8 +207,8 @@ def math_train(source: str = "gsm8k", limit: int | None = None, seed: int = 0) -
 def gsm8k_test(limit: int | None = None, seed: int = 0) -> list[Example]:
     """The GSM8K test split (1,319 problems). ``target`` is the reference solution in MetaMathQA style (for
     :func:`~tasks.language.evaluate.answer_nll`), ``answer`` the number after ``####``."""
-    rows = _subset(_read_jsonl("gsm8k/test.jsonl"), limit, seed)
-    return [_gsm8k_example(r, "gsm8k") for r in rows]
+    rows = _subset(_read_rows("gsm8k/test.jsonl"), limit, seed)
+    return _examples(rows, lambda r: _gsm8k_example(r, "gsm8k"))
 
 
 def math_test(subset: str = "math500", limit: int | None = None, seed: int = 0) -> list[Example]:
@@ -190,18 +224,13 @@ def math_test(subset: str = "math500", limit: int | None = None, seed: int = 0) 
         relpath, source = "math/test.jsonl", "math"
     else:
         raise ValueError(f"unknown MATH subset {subset!r}; valid: math500, full")
-    out = []
-    for row in _subset(_read_jsonl(relpath), limit, seed):
+
+    def example(row: dict[str, Any]) -> Example:
         gold = math_gold(row)
-        out.append(
-            Example(
-                prompt=render_prompt(row["problem"]),
-                target=f"{row['solution'].rstrip()}\nThe answer is: {gold}",
-                answer=gold,
-                source=source,
-            )
-        )
-    return out
+        return Example(prompt=render_prompt(row["problem"]), target=f"{row['solution'].rstrip()}\nThe answer is: {gold}",
+                       answer=gold, source=source)
+
+    return _examples(_subset(_read_rows(relpath), limit, seed), example)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,8 +270,8 @@ def commonsense_train(
         examples: list[Example] = []
         for task in tasks:
             _check_task(task, COMMONSENSE_TRAIN_TASKS)
-            rows = _read_json(f"commonsense/{task}/train.json")
-            examples += [_commonsense_example(r, f"commonsense/{task}") for r in rows]
+            rows = _read_rows(f"commonsense/{task}/train.json")
+            examples += _examples(rows, lambda r, source=f"commonsense/{task}": _commonsense_example(r, source))
         return _subset(examples, limit, seed)
     if source == "commonsense_170k":
         require_hub(COMMONSENSE_170K_ID, repo_type="dataset")
@@ -258,8 +287,8 @@ def commonsense_train(
 def commonsense_test(task: str, limit: int | None = None, seed: int = 0) -> list[Example]:
     """One of the seven staged commonsense test sets (:data:`COMMONSENSE_TASKS`)."""
     _check_task(task, COMMONSENSE_TASKS)
-    rows = _subset(_read_json(f"commonsense/{task}/test.json"), limit, seed)
-    return [_commonsense_example(r, f"commonsense/{task}") for r in rows]
+    rows = _subset(_read_rows(f"commonsense/{task}/test.json"), limit, seed)
+    return _examples(rows, lambda r: _commonsense_example(r, f"commonsense/{task}"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

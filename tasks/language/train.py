@@ -45,6 +45,14 @@ def run(cfg: DictConfig) -> dict:
         train_examples, validation = protocol.split(cfg, build(cfg.task.train))
         features = language_data.tokenize(train_examples, tokenizer, cfg.data.max_length)
         batch_size = cfg.data.batch_size
+        if len(features) < batch_size:  # before any work: an init and an evaluation of an untrained adapter
+            raise language_data.DataError(f"{len(features)} training examples fit max_length, fewer than one batch "
+                                          f"of data.batch_size={batch_size}: nothing to train on")
+        # every eval set read now, so a bad test file fails the run before it trains
+        eval_sets = {name: build(spec.data) for name, spec in cfg.task.evals.items()}
+        for name, examples in eval_sets.items():
+            if not examples:
+                raise language_data.DataError(f"eval {name!r}: its data ({cfg.task.evals[name].data}) has no examples")
 
         # initialize: the same seeded calibration batches for every data-driven method
         calibration = lm_calibration(calibration_batches(features, cfg.calibration, pad_id, cfg.seed), len(features))
@@ -78,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
         # evaluate: every eval of the task config, on held-out test data only
         metrics = {}
         for name, spec in cfg.task.evals.items():
-            examples = fitting(build(spec.data), tokenizer, model, spec, cfg.data.max_length)
+            examples = fitting(eval_sets[name], tokenizer, model, spec, cfg.data.max_length)
             metrics[f"{name}/n"] = len(examples)
             metrics.update({f"{name}/{k}": v for k, v in evaluate(model, tokenizer, examples, spec, cfg.data).items()})
         if cfg.task.average:

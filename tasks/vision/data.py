@@ -72,24 +72,26 @@ def _images(pixels: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
 
 
-@functools.cache  # read once per process (a sweep worker runs many tasks); callers index, never modify
 def fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST (60k train / 10k test): the data root's ``fashion-mnist/``, else Debian's package."""
     prefix = {"train": "train", "test": "t10k"}[split]
     how = "Install it with `apt-get install dataset-fashion-mnist` (Debian) or put the idx files there."
-    paths = [
+    images, labels = (
         asset(f"fashion-mnist/{prefix}-{kind}-idx{dims}-ubyte.gz", how,
               fallbacks=(DEBIAN_FASHION_MNIST / f"{prefix}-{kind}-idx{dims}-ubyte.gz",))
         for kind, dims in (("images", 3), ("labels", 1))
-    ]
-    return _images(read_idx(paths[0])), torch.as_tensor(read_idx(paths[1]).astype(np.int64))
+    )
+    return _idx_images_and_labels(images, labels)
 
 
-@functools.cache  # read once per process (a sweep worker runs many tasks); callers index, never modify
 def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
     """The MNIST test set (10,000 images) from the offline data root."""
-    images = asset("mnist/t10k-images-idx3-ubyte.gz")
-    labels = asset("mnist/t10k-labels-idx1-ubyte.gz")
+    return _idx_images_and_labels(asset("mnist/t10k-images-idx3-ubyte.gz"), asset("mnist/t10k-labels-idx1-ubyte.gz"))
+
+
+# paths are resolved by the callers on every call (so each run's record names the files), read once per process
+@functools.cache  # a sweep worker runs many tasks; callers index, never modify
+def _idx_images_and_labels(images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return _images(read_idx(images)), torch.as_tensor(read_idx(labels).astype(np.int64))
 
 
