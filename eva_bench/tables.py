@@ -1,8 +1,10 @@
 """Records -> paper-style tables: ``results/tables/<experiment>.{md,csv,tex}``.
 
-One row per (task, model, rank, eval metric), one column per init method, cells "mean ± std (n)" over seeds, the
-best method per row in bold (lowest for NLL, highest otherwise), and the paper's published numbers beside ours where
-the experiment names them (``paper: {table, model}`` in its config).
+One row per (task, model, rank, eval metric), one column per init method, cells "mean ± std (n)" over seeds, and the
+paper's published numbers beside ours where the experiment names them (``paper: {table, model}`` in its config).
+Every method is compared with random seed by seed (eva_bench/stats.py): a table of paired differences with 95 %
+intervals and seeds needed follows each table, and a method is marked ▲ (better) or ▼ (worse) only where that
+interval excludes 0; nothing is bold. Task groups also get rliable's IQM and probability of improvement.
 
     python -m eva_bench.tables [--experiment language_cpu]
 """
@@ -16,10 +18,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import stats
 from .results import LR_ROW, load_records, read_record
+from .stats import lower_is_better  # noqa: F401  (tables.lower_is_better: the direction, now shared with stats)
 
 KEYS = ["task", "model", "rank", "metric"]
+GROUP_KEYS = ["group", "model", "rank", "metric"]
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
+BASELINE = "random"  # every comparison is against plain LoRA, seed by seed
+MARKS = {stats.BETTER: " ▲", stats.WORSE: " ▼", stats.TIE: ""}
+POI_TOL = 0.005  # PoI prints with 2 decimals: an interval that prints as reaching 0.50 is not marked
+WORDS = {stats.BETTER: "better", stats.WORSE: "worse", stats.TIE: "inconclusive"}  # the CSV's verdict
 
 
 def method_order(methods) -> list[str]:
@@ -29,8 +38,20 @@ def method_order(methods) -> list[str]:
     return known + sorted(set(methods) - set(known))
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith(("nll", "loss", "mse", "errors"))
+def digits(metric: str) -> int:
+    return 3 if lower_is_better(metric) else 1
+
+
+def diff_digits(metric: str) -> int:
+    return digits(metric) + metric.endswith("success_rate")  # rates in [0, 1]: 0.1 steps hide most differences
+
+
+def print_tol(metric: str) -> float:
+    return 0.5 * 10 ** -diff_digits(metric)  # a bound that prints as 0 counts as 0: no marker on a printed tie
+
+
+def signed(value: float, places: int) -> str:
+    return f"{value:+.{places}f}".replace("-", "+") if round(value, places) == 0 else f"{value:+.{places}f}"
 
 
 def long_format(records: pd.DataFrame) -> pd.DataFrame:
@@ -68,6 +89,26 @@ def group_means(long: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def group_scores(long: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """The per-seed scores of each group of tasks, as rows of (group, unit: the group's task): the VTAB groups and
+    RL suites (``task_group``; also ``all`` when there are several), and the eval sets of a task whose records
+    average them (``avg/<metric>``: the seven commonsense sets). Empty without either."""
+    parts = []
+    if "task_group" in records and records["task_group"].notna().any():
+        group_of = records.dropna(subset=["task_group"]).drop_duplicates("task").set_index("task")["task_group"]
+        grouped = long[long["task"].isin(group_of.index)].assign(group=lambda d: d["task"].map(group_of))
+        parts.append(grouped.assign(unit=grouped["task"]))
+        if group_of.nunique() > 1:
+            parts.append(grouped.assign(unit=grouped["task"], group="all"))
+    split = long["metric"].str.split("/", n=1, expand=True).reindex(columns=[0, 1])
+    sets = long.assign(unit=split[0], name=split[1], pair=long["task"] + "\t" + split[1].fillna(""))
+    averaged = sets.loc[sets["unit"] == "avg", "pair"].unique()  # (task, metric) pairs the records average
+    sets = sets[sets["pair"].isin(averaged) & (sets["unit"] != "avg")]
+    parts.append(sets.assign(group=sets["task"], metric=sets["name"]))
+    scores = pd.concat(parts, ignore_index=True) if parts else long.iloc[0:0]
+    return scores[scores["metric"] != LR_ROW][[*GROUP_KEYS, "unit", "method", "seed", "value"]]
+
+
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
     grouped = long.groupby([*KEYS, "method"])["value"]
     return grouped.agg(mean="mean", std="std", n="count").reset_index()
@@ -89,17 +130,16 @@ def cell(mean: float, std: float, n: int, digits: int) -> str:
     return f"{mean:.{digits}f}{spread} ({n})"
 
 
-def build_table(agg: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The wide table (cells as text, best bold) and a numeric twin of means for LaTeX/CSV consumers."""
+def build_table(agg: pd.DataFrame, paper: pd.DataFrame,
+                paired: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The wide table (cells as text, ▲/▼ where ``paired`` says a method differs from random) and a numeric twin
+    of means for LaTeX/CSV consumers. Nothing is bold: the best mean of three seeds is often a tie."""
     methods = method_order(agg["method"].unique())
+    verdicts = {} if paired is None else paired.set_index([*KEYS, "method"])["verdict"].to_dict()
     rows, numeric = [], []
     for key, group in agg.groupby(KEYS, sort=True):
         by_method = group.set_index("method")
-        digits = 3 if lower_is_better(key[3]) else 1
         means = by_method["mean"]
-        shown = means.round(digits)  # compare what the reader sees: ties in print are ties
-        best_value = shown.min() if lower_is_better(key[3]) else shown.max()
-        best = set(shown.index[shown == best_value]) if shown.nunique() > 1 else set()  # all equal: no bold
         row = dict(zip(KEYS, key))
         for m in methods:
             if m not in by_method.index:
@@ -109,8 +149,7 @@ def build_table(agg: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, p
             if key[3] == LR_ROW:  # the tuned protocol's chosen lr: one per method and rank (not per seed), unranked
                 row[m] = f"{r['mean']:.2g}"
                 continue
-            text = cell(r["mean"], r["std"], int(r["n"]), digits)
-            row[m] = f"**{text}**" if m in best else text
+            row[m] = cell(r["mean"], r["std"], int(r["n"]), digits(key[3])) + MARKS[verdicts.get((*key, m), 0)]
         eval_name, metric = key[3].split("/", 1) if "/" in key[3] else ("", key[3])
         match = paper[(paper["eval"] == eval_name) & (paper["metric"] == metric)]
         if "task" in paper:  # per-task published numbers (vision: the VTAB averages are rows of their own)
@@ -123,6 +162,78 @@ def build_table(agg: pd.DataFrame, paper: pd.DataFrame) -> tuple[pd.DataFrame, p
     return table, pd.DataFrame(numeric)
 
 
+def paired_cell(r, places: int) -> str:
+    if r["pairs"] < 2:
+        return f"{signed(r['diff'], places)} (1 pair)" if r["pairs"] else ""
+    need = "—" if pd.isna(r["seeds_needed"]) else (">1000" if r["seeds_needed"] > 1000 else int(r["seeds_needed"]))
+    return (f"{signed(r['diff'], places)} [{signed(r['ci_low'], places)}, {signed(r['ci_high'], places)}]"
+            f"{MARKS[r['verdict']]} need {need}")
+
+
+def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, model, rank, metric), one column per method: its paired difference from random."""
+    methods = method_order(paired["method"].unique())
+    rows = []
+    for key, group in paired.groupby(KEYS, sort=True):
+        by_method = group.set_index("method")
+        row = dict(zip(KEYS, key))
+        for m in methods:
+            row[f"{m} − {BASELINE}"] = "" if m not in by_method.index else paired_cell(by_method.loc[m],
+                                                                                        diff_digits(key[3]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def aggregate_tables(agg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rliable's IQM per method and its probability of improvement over random, one row per (group, model, rank,
+    metric)."""
+    methods = method_order(agg["method"].unique())
+    iqm_rows, poi_rows = [], []
+    for key, group in agg.groupby(GROUP_KEYS, sort=True):
+        by_method = group.set_index("method")
+        places = diff_digits(key[3])
+        label = {**dict(zip(GROUP_KEYS, key)), "tasks": int(group["tasks"].iloc[0])}
+        iqm, poi = dict(label), dict(label)
+        for m in methods:
+            r = by_method.loc[m] if m in by_method.index else None
+            iqm[m] = "" if r is None else (f"{r['iqm']:.{places}f} [{r['iqm_low']:.{places}f}, "
+                                           f"{r['iqm_high']:.{places}f}] ({int(r['seeds'])})")
+            if m != BASELINE:
+                poi[f"P({m} > {BASELINE})"] = "" if r is None or pd.isna(r["poi"]) else (
+                    f"{r['poi']:.2f} [{r['poi_low']:.2f}, {r['poi_high']:.2f}]{MARKS[r['verdict']]}")
+        iqm_rows.append(iqm)
+        poi_rows.append(poi)
+    return pd.DataFrame(iqm_rows), pd.DataFrame(poi_rows)
+
+
+def paired_with_random(long: pd.DataFrame) -> pd.DataFrame:
+    return stats.paired_differences(long[long["metric"] != LR_ROW], KEYS, BASELINE, tol=print_tol)
+
+
+PAIRED_NOTE = (
+    "Paired differences from random: method − random on the seeds both have (same data order, same calibration"
+    " batches), mean [95 % Student-t interval]; ▲ better, ▼ worse where the interval excludes 0 as printed. A"
+    " t-interval, not a percentile bootstrap: with 3 seeds the bootstrap interval is about the range of the differences"
+    " and excludes 0 whenever all three agree in sign, 1 time in 4 with no effect at all (the CSV carries it too, as"
+    " boot_low/boot_high)."
+    " need: seeds a paired difference of this mean and spread would need to exclude 0 at 95 % with 80 % power"
+    " (n = ((1.96 + 0.84) · sd / |mean|)², at least 2, raised until the t quantiles with n − 1 degrees of freedom"
+    " replace 1.96 and 0.84; — where the spread or the mean is 0): 3 seeds rarely suffice."
+)
+AGGREGATE_NOTE = (
+    "Aggregates over each group's tasks (rliable): IQM, the interquartile mean of all (seed, task) scores, [95 %"
+    " interval] (seeds); and P(method > random), the probability that the method beats random on a task (Mann-Whitney"
+    " over seed pairs, ties count half; lower is better for NLL and loss), averaged over tasks, ▲/▼ where its"
+    f" interval excludes 0.5. Intervals: stratified percentile bootstrap, {stats.RESAMPLES:,} resamples of the seeds"
+    f" within each task (the same seeds for both methods), fixed RNG seed {stats.SEED}; with 3 seeds per task they are"
+    " optimistic."
+    " IQM pools raw scores: compare it across methods, not across metrics whose tasks have different scales (returns)."
+)
+CSV_COLUMNS = ["task", "model", "rank", "metric", "method", "mean", "std", "n", "paper", "diff", "diff_sd", "pairs",
+               "ci_low", "ci_high", "boot_low", "boot_high", "seeds_needed", "verdict", "tasks", "seeds", "iqm",
+               "iqm_low", "iqm_high", "poi", "poi_low", "poi_high"]
+
+
 def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | None:
     records = load_records(results_dir, experiment)
     if records.empty:
@@ -130,17 +241,29 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
         return None
     long = long_format(records)
     means = group_means(long, records)
-    agg = aggregate(long)
+    agg, paired = aggregate(long), paired_with_random(long)
     paper, paper_source = paper_numbers(records)
-    table, _ = build_table(agg, paper)
+    table, _ = build_table(agg, paper, paired)
     sections = [table.to_markdown(index=False)]
+    if len(paired):
+        sections.append(f"{PAIRED_NOTE}\n\n{paired_table(paired).to_markdown(index=False)}")
     if len(means):  # the task-group averages get a table of their own below the per-task one
-        agg_means = aggregate(means)
-        means_table, _ = build_table(agg_means, paper)
+        agg_means, paired_means = aggregate(means), paired_with_random(means)
+        means_table, _ = build_table(agg_means, paper, paired_means)
         sections.append("Task-group averages (per seed, the mean over the group's tasks; then mean ± std over seeds):"
                         "\n\n" + means_table.to_markdown(index=False))
+        if len(paired_means):
+            sections.append("Task-group averages, paired differences from random (as above):\n\n"
+                            + paired_table(paired_means).to_markdown(index=False))
         agg = pd.concat([agg, agg_means], ignore_index=True)
+        paired = pd.concat([paired, paired_means], ignore_index=True)
         table = pd.concat([table, means_table], ignore_index=True).fillna("")
+    scores = group_scores(long, records)
+    groups = stats.aggregates(scores, GROUP_KEYS, BASELINE, tol=POI_TOL) if len(scores) else pd.DataFrame()
+    if len(groups):
+        iqm_table, poi_table = aggregate_tables(groups)
+        sections.append(f"{AGGREGATE_NOTE}\n\n{iqm_table.to_markdown(index=False)}\n\n"
+                        f"{poi_table.to_markdown(index=False)}")
     status = records["status"].value_counts().to_dict()
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,9 +271,11 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     notes = [
         f"# {experiment}",
         "",
-        f"Runs: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}). Cells: mean ± std (n seeds)"
-        " over successful runs; best per row in bold (lowest NLL, loss, MSE and error count; highest otherwise)."
-        " Accuracies in %, NLL in nats (language: per answer token), success rates in [0, 1].",
+        f"Runs: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))})."
+        " Cells: mean ± std (n seeds) over successful runs; nothing bold: ▲ marks a method better than random, ▼ worse,"
+        " only where the 95 % interval of its paired difference from random (tables below) excludes 0 (better: lower"
+        " NLL, loss, MSE and error count; higher otherwise). Accuracies in %, NLL in nats (language: per answer token),"
+        " success rates in [0, 1].",
     ]
     if paper_source:
         notes.append(f"Paper columns: {paper_source}; see results/paper/README.md.")
@@ -162,23 +287,36 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
         listed = ", ".join(f"{Path(p).stem} ({s})" for p, s in zip(bad["path"], bad["status"]))
         notes.append(f"Not in the means: {listed}.")
     stem.with_suffix(".md").write_text("\n".join(notes) + "\n\n" + "\n\n".join(sections) + "\n")
+    write_csv(stem.with_suffix(".csv"), agg, paired, groups, paper)
+    latex = table.copy()
+    for col in latex.columns:
+        latex[col] = latex[col].astype(str).str.replace("±", r"$\pm$").str.replace("_", r"\_").str.replace(
+            "▲", r"$\blacktriangle$").str.replace("▼", r"$\blacktriangledown$")  # amssymb
+    latex.columns = [str(c).replace("_", r"\_") for c in latex.columns]
+    stem.with_suffix(".tex").write_text(latex.to_latex(index=False, escape=False))
+    return stem.with_suffix(".md")
+
+
+def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.DataFrame, paper: pd.DataFrame):
+    """One row per cell (mean, std, n, paper; for methods other than random its paired difference from random),
+    then one per group aggregate (task ``aggregate: <group>``: IQM, and PoI over random); verdict: better, worse or
+    inconclusive (the interval includes 0; PoI's includes 0.5)."""
     on = ["task", "metric", "method"] if "task" in paper else ["metric", "method"]
-    agg_out = agg.merge(
+    out = agg.merge(
         paper.rename(columns={"value": "paper"})[[*on[:-2], "eval", "metric", "method", "paper"]].assign(
             metric=lambda d: d["eval"] + "/" + d["metric"]
         ).drop(columns="eval"),
         on=on,
         how="left",
-    )
-    agg_out.round(6).to_csv(stem.with_suffix(".csv"), index=False)
-    latex = table.copy()
-    for col in latex.columns:
-        latex[col] = latex[col].astype(str).str.replace(r"\*\*(.*)\*\*", r"\\textbf{\1}", regex=True).str.replace(
-            "±", r"$\pm$"
-        ).str.replace("_", r"\_")
-    latex.columns = [str(c).replace("_", r"\_") for c in latex.columns]
-    stem.with_suffix(".tex").write_text(latex.to_latex(index=False, escape=False))
-    return stem.with_suffix(".md")
+    ).merge(paired, on=[*KEYS, "method"], how="left")
+    if len(groups):
+        out = pd.concat([out, groups.assign(task="aggregate: " + groups["group"]).drop(columns="group")],
+                        ignore_index=True)
+    out = out.reindex(columns=CSV_COLUMNS)
+    out["verdict"] = out["verdict"].map(WORDS)
+    for col in ("n", "pairs", "seeds_needed", "tasks", "seeds"):
+        out[col] = out[col].astype("Int64")  # counts, not floats; empty where they do not apply
+    out.round(6).to_csv(path, index=False)
 
 
 def experiments(results_dir: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""Tables from records: aggregation over seeds, best in bold, paper columns, failed runs left out (golden files)."""
+"""Tables from records: aggregation over seeds, paired markers (no bold), paper columns, failed runs left out
+(golden files)."""
 
 import os
 from pathlib import Path
@@ -75,18 +76,32 @@ def test_paper_csv_is_well_formed():
     assert paper["source"].str.contains("2410.07170v5").all()
 
 
-def test_ties_are_not_bold_and_tied_bests_all_are():
+def test_nothing_is_bold_and_only_paired_verdicts_are_marked():
     agg = pd.DataFrame([
-        {"task": "t", "model": "m", "rank": 2, "metric": "x/accuracy", "method": "random", "mean": 0.0, "std": 0.0, "n": 3},
-        {"task": "t", "model": "m", "rank": 2, "metric": "x/accuracy", "method": "eva", "mean": 0.0, "std": 0.0, "n": 3},
-        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": "random", "mean": 5.0, "std": 0.0, "n": 3},
-        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": "eva", "mean": 5.0, "std": 0.0, "n": 3},
-        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": "pissa", "mean": 1.0, "std": 0.0, "n": 3},
+        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": m, "mean": v, "std": 0.0, "n": 3}
+        for m, v in (("random", 5.0), ("eva", 5.0), ("pissa", 1.0), ("corda", 9.0))
     ])
-    table, _ = tables.build_table(agg, pd.DataFrame(columns=["eval", "metric", "method", "value"]))
-    x, y = table.iloc[0], table.iloc[1]
-    assert "**" not in x["random"] + x["eva"]
-    assert y["random"].startswith("**") and y["eva"].startswith("**") and "**" not in y["pissa"]
+    paired = pd.DataFrame([  # eva ties random; pissa is worse; corda's mean is highest but its interval reaches 0
+        {"task": "t", "model": "m", "rank": 2, "metric": "y/accuracy", "method": m, "verdict": v}
+        for m, v in (("eva", 0), ("pissa", -1), ("corda", 0))
+    ])
+    table, _ = tables.build_table(agg, pd.DataFrame(columns=["eval", "metric", "method", "value"]), paired)
+    row = table.iloc[0]
+    assert not any("**" in row[m] for m in ("random", "eva", "pissa", "corda"))
+    assert row["random"] == "5.0 ± 0.0 (3)" and row["eva"] == "5.0 ± 0.0 (3)" and row["corda"] == "9.0 ± 0.0 (3)"
+    assert row["pissa"] == "1.0 ± 0.0 (3) ▼"
+
+
+def test_paired_section_and_csv_columns(tmp_path):
+    write_fixture_records(tmp_path)
+    tables.write_tables(tmp_path, "demo", tmp_path / "tables")
+    md = (tmp_path / "tables" / "demo.md").read_text()
+    assert "**" not in md and "Student-t interval" in md and "3 seeds rarely suffice" in md
+    csv = pd.read_csv(tmp_path / "tables" / "demo.csv")
+    eva = csv[(csv.method == "eva") & (csv["rank"] == 2) & (csv.metric == "gsm8k/nll")].iloc[0]
+    assert eva["diff"] == pytest.approx(-0.1) and eva["pairs"] == 3  # 2.80 - 2.90, 2.81 - 2.92, 2.85 - 2.94
+    assert eva["ci_high"] < 0 and eva["verdict"] == "better"
+    assert csv.loc[csv.method == "random", "diff"].isna().all()
 
 
 def test_which_metrics_are_better_low():
