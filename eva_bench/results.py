@@ -237,6 +237,43 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def load(experiment: str, results_dir: str | Path = REPO_ROOT / "results") -> pd.DataFrame:
+    """One experiment's runs as a DataFrame for your own analysis, one row per valid record:
+
+        >>> runs = eva_bench.results.load("language_cpu")
+        >>> runs[runs.task == "math"].groupby(["rank", "init"])["gsm8k/nll"].agg(["mean", "std"])
+
+    Columns: the run keys (task, model, init, rank, seed, ...), ``status``, ``lr`` (the lr it trained at: the tuned
+    protocol's choice or ``optim.lr``), ``protocol``, every metric under its own name, the init report's summary
+    (``init_seconds``, ``adapted_layers``, ``mean_rank``) and training's (``optimizer_steps``, ``final_loss``,
+    ``train_seconds``), the run's wall time ``seconds`` and the record's ``path``. Invalid records are left out and
+    named, as in ``load_records``."""
+    root = Path(results_dir)
+    rows, invalid = [], []
+    for path in sorted((root / experiment).glob("*.json")):
+        record, problem = check_record(path)
+        if record is None:
+            invalid.append((str(path), problem))
+            continue
+        protocol, init, train = record.get("protocol") or {}, record.get("init_report") or {}, record.get("train") or {}
+        ranks = [r for r in (init.get("ranks") or {}).values() if isinstance(r, (int, float))]
+        rows.append({
+            **record["run"], "status": record["status"],
+            "lr": protocol.get("selected_lr") or ((record.get("config") or {}).get("optim") or {}).get("lr"),
+            "protocol": protocol.get("name", "fixed"),
+            **(record.get("metrics") or {}),
+            "init_seconds": init.get("seconds"), "adapted_layers": len(ranks) or None,
+            "mean_rank": sum(ranks) / len(ranks) if ranks else None,
+            "optimizer_steps": train.get("optimizer_steps"), "final_loss": train.get("final_loss"),
+            "train_seconds": train.get("seconds"), "seconds": record.get("seconds"), "path": str(path),
+        })
+    for path, problem in invalid:
+        warnings.warn(f"invalid record left out: {path}: {problem}", stacklevel=2)
+    frame = pd.DataFrame(rows)
+    frame.attrs["invalid"] = invalid
+    return frame
+
+
 def load_records(results_dir: str | Path, experiment: str | None = None) -> pd.DataFrame:
     """Every valid record under ``results_dir`` (or one experiment) as one row: keys, status and ``metric.*``
     columns. Invalid records are left out, named in a warning and listed in ``frame.attrs["invalid"]``."""

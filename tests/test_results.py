@@ -123,3 +123,23 @@ def test_a_stale_temp_file_of_a_killed_writer_is_removed_on_the_next_write(tmp_p
     stale.write_text('{"half": ')
     results.write_record(path, {"run": RUN, "status": "failed"})
     assert not stale.exists() and results.read_record(path)["status"] == "failed"
+
+
+def test_load_gives_one_row_per_run_with_lr_metrics_and_summaries(tmp_path):
+    def write(name, seed, **extra):
+        results.write_record(tmp_path / "exp" / f"{name}.json", {
+            "run": {**RUN, "seed": seed}, "status": "success", "metrics": {"gsm8k/nll": 2.5 + seed},
+            "config": {"optim": {"lr": 5e-3}}, "seconds": 30.0,
+            "init_report": {"seconds": 1.5, "ranks": {"q": 2, "v": 4}},
+            "train": {"optimizer_steps": 31, "final_loss": 1.25, "seconds": 20.0}, **extra})
+
+    write("a", 0)
+    write("b", 1, protocol={"name": "tuned", "selected_lr": 4e-2})
+    (tmp_path / "exp" / "c.json").write_text("{x")  # unreadable: named, left out
+    with pytest.warns(UserWarning, match="invalid record left out: .*c.json"):
+        runs = results.load("exp", tmp_path)
+    assert len(runs) == 2 and runs.attrs["invalid"][0][0].endswith("c.json")
+    first, second = runs.iloc[0], runs.iloc[1]
+    assert (first["lr"], first["protocol"], second["lr"], second["protocol"]) == (5e-3, "fixed", 4e-2, "tuned")
+    assert second["gsm8k/nll"] == 3.5 and first["init_seconds"] == 1.5 and first["mean_rank"] == 3.0
+    assert first["adapted_layers"] == 2 and first["optimizer_steps"] == 31 and first["train_seconds"] == 20.0
