@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eva_bench.assets import asset, require_hub
+from eva_bench.assets import asset, local_folder, require_hub
 
 # llama2.c hard-codes these; they are not stored in its files.
 RMS_NORM_EPS = 1e-5
@@ -252,13 +252,17 @@ def stories260k(
 
 
 def from_hub(name: str, revision: str | None = None, dtype: str = "bfloat16", attn_implementation: str = "sdpa"):
-    """(model, tokenizer) for a Hugging Face hub id at a pinned revision. Hydra target.
+    """(model, tokenizer) for a Hugging Face hub id at a pinned revision, or a local folder (``save_pretrained``'s
+    output: model and tokenizer). Hydra target.
 
     ``require_hub`` runs first so that an offline machine gets one clear error instead of a failure (or a long
     retry loop) deep inside transformers.
     """
-    require_hub(name, revision)
+    require_hub(name, revision)  # a local folder passes: it loads offline
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if local_folder(name) is not None:
+        name, revision = str(local_folder(name)), None  # a folder has no revisions; ~ expanded for transformers
 
     model = AutoModelForCausalLM.from_pretrained(
         name, revision=revision, dtype=_torch_dtype(dtype), attn_implementation=attn_implementation
