@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -37,6 +38,8 @@ from . import assets, distributed, locks, results
 from .checks import check_config
 from .tracking import make_tracker
 
+
+log = logging.getLogger(__name__)
 
 def build(spec, **kwargs):
     """``hydra.utils.call`` that lets our own errors through (a missing asset, an offline hub id) instead of
@@ -209,6 +212,11 @@ class Recorder:
         self.tracker.log(metrics, step)
 
     def init(self, report) -> None:
+        ranks = [r for r in (report.ranks or {}).values() if isinstance(r, (int, float))]
+        shape = f"ranks {min(ranks)}/{sum(ranks) / len(ranks):.1f}/{max(ranks)} (min/mean/max) over {len(ranks)} layers" \
+            if ranks else "no adapted layers"
+        log.info(f"init {report.method}: {shape}, {report.calibration_batches} calibration batches, "
+                 f"{report.seconds:.1f} s")
         self.body["init_report"] = report.to_dict()
         self.body["trainable_parameters"] = report.trainable_parameters
         self.tracker.summary({"init": report.to_dict()})
@@ -248,7 +256,8 @@ class Recorder:
         results.write_record(self.ctx.path, record)
         self.tracker.summary({"status": status, **record["metrics"]})
         self.tracker.finish(status)
-        print(f"{status}: {self.ctx.path}" + (f"  {record['metrics']}" if record["metrics"] else ""))
+        rounded = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items())
+        log.info(f"{status}: {self.ctx.path}" + (f"\n  {rounded}" if rounded else ""))
         return record
 
     def _earned(self, status: str, error: str | None) -> tuple[str, str | None]:

@@ -19,6 +19,7 @@ blocks see a grad-requiring input), and the paper's effective batch through ``gr
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ def fit(
                     if not torch.isfinite(norm):
                         raise Diverged(f"non-finite gradient norm at step {result.optimizer_steps}")
                 optimizer.step()
+                lr = scheduler.get_last_lr()[0]  # the step just taken's lr, for the progress line
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.optimizer_steps += 1
@@ -140,12 +144,18 @@ def fit(
                     result.final_loss = mean
                     if on_log is not None:
                         on_log(result.optimizer_steps, mean)
+                    if distributed.rank() == 0:
+                        elapsed = time.perf_counter() - start
+                        left = elapsed / result.optimizer_steps * (total_steps - result.optimizer_steps)
+                        clipped = f"  grad-norm {float(norm):.3g}" if optim.max_grad_norm is not None else ""
+                        log.info(f"step {result.optimizer_steps}/{total_steps}  loss {mean:.4f}  lr {lr:.2e}{clipped}"
+                                 f"  {elapsed:.0f} s, ETA {left:.0f} s")
                     running, running_n = 0.0, 0
     except Diverged as error:
         result.status = "diverged"
         result.curve.append((result.optimizer_steps, float("nan")))
         result.final_loss = float("nan")
-        print(f"fit: run diverged: {error}")
+        log.warning(f"fit: run diverged: {error}")
     finally:
         result.seconds = time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """The language recipe end to end on the real stories260K: a few steps per task, records, resume, bad input."""
 
 import json
+import re
 import shutil
 import math
 import os
@@ -255,3 +256,19 @@ def test_a_local_model_folder_loads_offline_and_trains(tmp_path, monkeypatch):
 
     with pytest.raises(FileNotFoundError, match=f"no such directory: {tmp_path / 'nowhere'}"):
         run(compose_run(tmp_path / "hf", *quick, "model=hf", f"model.load.name={tmp_path / 'nowhere'}"))
+
+
+def test_a_run_logs_its_init_its_steps_and_rounded_metrics(tmp_path, caplog):
+    """Through logging (so Hydra's log file has it): a one-line init summary, a line per logged step with loss, lr,
+    grad norm and ETA, and the metrics rounded; no transformers deprecation noise from PEFT."""
+    import logging
+    import warnings
+
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(compose_run(tmp_path, "task=math", "init=eva", "~task.evals.math", "task.evals.gsm8k.metrics=[nll]"))
+    text = caplog.text
+    assert re.search(r"init eva: ranks \d+/[\d.]+/\d+ \(min/mean/max\) over 35 layers, 2 calibration batches", text)
+    assert re.search(r"step 2/2  loss [\d.]+  lr [\d.e+-]+  grad-norm [\d.]+  \d+ s, ETA 0 s", text)
+    assert re.search(r"success: .*\.json\n  gsm8k/n 4  gsm8k/nll \d\.\d{3}\b", text)  # 4 significant digits
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

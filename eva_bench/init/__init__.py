@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -107,7 +108,9 @@ def initialize(
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), **(lora or {}))
     was_training = model.training
     start = time.perf_counter()
-    peft_model, details = spec.apply(model, config, calibration, **params)
+    with warnings.catch_warnings():  # PEFT's PeftModel reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model, details = spec.apply(model, config, calibration, **params)
     seconds = time.perf_counter() - start
     peft_model.train(was_training)  # a method may leave train mode on (PEFT's EVA does); dropout would change outputs
 
