@@ -6,12 +6,28 @@ task from its training split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def hf_forward(model: nn.Module, batch: dict) -> Any:
+    """A Hugging Face model on a tokenized batch (a dict of input_ids, attention_mask, ...; labels left out)."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def hf_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """A Hugging Face model's own loss on a batch that carries ``labels``."""
+    return model(**batch).loss
+
+
+def hf_rows(batch: dict) -> torch.Tensor | None:
+    """Real tokens (the attention mask) when the batch has one."""
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
 
 
 @dataclass(frozen=True)
@@ -20,19 +36,33 @@ class Calibration:
 
     ``rows`` and ``loss_rows`` return a boolean mask over a layer input's leading dimensions (for a batch of token
     sequences: ``(batch, seq)``; for images: ``(batch, patches)``; for a decision transformer: ``(batch, 3 * steps)``),
-    so every adapted layer's input can be reduced to the rows that count, whatever the task.
+    so every adapted layer's input can be reduced to the rows that count, whatever the task. ``batches`` may be any
+    iterable (a DataLoader): it is read once into a list, at most ``max_batches`` of it, since every method may pass
+    over the batches more than once and must see the same ones.
     """
 
-    batches: Sequence[Any]  # the same seeded batches for every data-driven method
-    forward: Callable[[nn.Module, Any], Any]  # run the model on one batch (no loss needed)
+    batches: Sequence[Any] | Iterable[Any]  # the same seeded batches for every data-driven method
+    forward: Callable[[nn.Module, Any], Any] = hf_forward  # run the model on one batch (no loss needed)
     loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # scalar training loss, for gradient-based inits
     rows: Callable[[Any], torch.Tensor] | None = None  # rows of a layer input that are real data (not padding)
     loss_rows: Callable[[Any], torch.Tensor] | None = None  # rows that carry a training loss (label masking)
     dataset_size: int | None = None  # examples in the training split (LoRA-DA's N: the variance term scales as 1/N)
+    max_batches: int | None = None  # read at most this many batches (an endless loader stops here)
 
     def __post_init__(self):
-        if len(self.batches) == 0:
+        batches = self.batches
+        if not isinstance(batches, (list, tuple)) or (self.max_batches is not None and len(batches) > self.max_batches):
+            batches = list(itertools.islice(iter(batches), self.max_batches))  # a DataLoader is read once, here
+            object.__setattr__(self, "batches", batches)
+        if len(batches) == 0:
             raise ValueError("Calibration needs at least one batch")
+
+    @classmethod
+    def for_hf(cls, batches, **kwargs) -> "Calibration":
+        """A Hugging Face causal LM's calibration: its forward, its own loss (batches with ``labels``), real tokens
+        by the attention mask, loss rows where labels are not -100."""
+        return cls(batches, forward=hf_forward, loss=hf_loss, rows=hf_rows,
+                   loss_rows=lambda b: b["labels"] != -100, **kwargs)
 
     def mask(self, batch: Any, *, loss_only: bool = False) -> torch.Tensor | None:
         """The flattened row mask of ``batch`` (``None``: every row counts)."""
