@@ -85,7 +85,7 @@ reproduce-rl: $(STAMP)
 	$(if $(DRY_RUN),,$(PY) -m eva_bench.artifacts rl)
 
 # Promote the fresh records of EXPERIMENT (default language_cpu) to the committed reference, then rebuild its tables:
-# review the comparison first, then commit results/ (see README, "Reproducing")
+# review the comparison first, then commit results/ (see docs/records.md)
 promote: $(STAMP)
 	$(PY) -m eva_bench.reproduce --experiment $(EXPERIMENT) --fresh $(RUNS) --promote
 	$(PY) -m eva_bench.tables --experiment $(EXPERIMENT)

@@ -14,7 +14,7 @@ a results root outside git (``runs/`` by default) and ends with this comparison:
 
 It prints one screen and writes ``<fresh>/<experiment>.reproduce.json``. ``--strict`` exits 1 when anything is not
 identical or within tolerance. Promoting fresh records to the reference is a separate, explicit step
-(``--promote``, see the README).
+(``--promote``, see docs/records.md).
 """
 
 from __future__ import annotations

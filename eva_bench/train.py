@@ -13,7 +13,7 @@ In one process nothing of this runs: the loop is the plain one.
 For 7B models on one GPU: the model in bf16 (``model.load.dtype``), gradient checkpointing
 (``model.gradient_checkpointing``: ``recipe.checkpoint_activations`` before PEFT wraps the model, so checkpointed
 blocks see a grad-requiring input), and the paper's effective batch through ``grad_accumulation`` (e.g. micro-batch
-4 x 8 = 32). README: "Beyond one machine".
+4 x 8 = 32). See docs/cluster.md.
 """
 
 from __future__ import annotations

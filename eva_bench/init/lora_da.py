@@ -21,7 +21,7 @@ subspace. So the adapter starts at s / gamma times the natural-gradient *descent
 that subspace: lora_A's rows span the input directions, lora_B holds the update's coefficients on them. This is the
 reading of the authors' code as well (lora_da.py: ``lora_a = a0.T``, ``lora_b = b0.T``).
 
-Choices made here where the paper/code leave room (see shared/docs/methods.md, LoRA-DA):
+Choices made here where the paper/code leave room (see docs/methods.md, LoRA-DA):
 - the reference code never subtracts s B A from W, so the model does not start at the pretrained function;
   ``offset_base=True`` does W <- W - s B A (function-preserving); the report says which was used;
 - statistics are taken in eval mode (no dropout noise; the code uses train mode, the same for dropout-free Llama)
@@ -72,8 +72,8 @@ def lora_da(
     offset_base: bool = False,
     n_train: int | None = None,
 ):
-    """LoRA-DA init; the defaults are the authors' code (conf/lora_da.yaml: 256/256 examples, beta 0.03,
-    stable gamma 1024, damping 1e-6, no offset). ``n_g=None, n_F=None``: the first half of the calibration batches
+    """LoRA-DA init; these keyword defaults are the authors' code (256/256 examples, beta 0.03, stable gamma 1024,
+    damping 1e-6, no offset); conf/init/lora_da.yaml sets n_g, n_F to null. ``n_g=None, n_F=None``: the first half of the calibration batches
     for the gradient, the second half for the Fisher (every data-driven method then sees the same calibration
     budget, however large the run makes it). ``n_train``: the training-set size N of the variance term
     (default: the number of calibration examples used)."""
