@@ -248,13 +248,8 @@ def load(experiment: str, results_dir: str | Path = REPO_ROOT / "results") -> pd
     (``init_seconds``, ``adapted_layers``, ``mean_rank``) and training's (``optimizer_steps``, ``final_loss``,
     ``train_seconds``), the run's wall time ``seconds`` and the record's ``path``. Invalid records are left out and
     named, as in ``load_records``."""
-    root = Path(results_dir)
     rows, invalid = [], []
-    for path in sorted((root / experiment).glob("*.json")):
-        record, problem = check_record(path)
-        if record is None:
-            invalid.append((str(path), problem))
-            continue
+    for path, record in _valid_records(sorted((Path(results_dir) / experiment).glob("*.json")), invalid):
         protocol, init, train = record.get("protocol") or {}, record.get("init_report") or {}, record.get("train") or {}
         ranks = [r for r in (init.get("ranks") or {}).values() if isinstance(r, (int, float))]
         rows.append({
@@ -267,11 +262,7 @@ def load(experiment: str, results_dir: str | Path = REPO_ROOT / "results") -> pd
             "optimizer_steps": train.get("optimizer_steps"), "final_loss": train.get("final_loss"),
             "train_seconds": train.get("seconds"), "seconds": record.get("seconds"), "path": str(path),
         })
-    for path, problem in invalid:
-        warnings.warn(f"invalid record left out: {path}: {problem}", stacklevel=2)
-    frame = pd.DataFrame(rows)
-    frame.attrs["invalid"] = invalid
-    return frame
+    return _frame(rows, invalid)
 
 
 def load_records(results_dir: str | Path, experiment: str | None = None) -> pd.DataFrame:
@@ -280,18 +271,29 @@ def load_records(results_dir: str | Path, experiment: str | None = None) -> pd.D
     root = Path(results_dir)
     paths = sorted((root / experiment).glob("*.json") if experiment else root.glob("*/*.json"))
     rows, invalid = [], []
-    for path in paths:
-        record, problem = check_record(path)
-        if record is None:
-            invalid.append((str(path), problem))
-            continue
+    for path, record in _valid_records(paths, invalid):
         row = {**record["run"], "status": record["status"], "finished_at": record.get("finished_at"), "path": str(path)}
         row.update({f"metric.{k}": v for k, v in (record.get("metrics") or {}).items()})
         if (record.get("protocol") or {}).get("selected_lr") is not None:  # tuned protocol: the tables' lr* row
             row[f"metric.{LR_ROW}"] = record["protocol"]["selected_lr"]
         rows.append(row)
+    return _frame(rows, invalid)
+
+
+def _valid_records(paths, invalid: list):
+    """(path, record) for each valid record; each invalid one is appended to ``invalid`` as (path, problem)."""
+    for path in paths:
+        record, problem = check_record(path)
+        if record is None:
+            invalid.append((str(path), problem))
+        else:
+            yield path, record
+
+
+def _frame(rows: list[dict], invalid: list) -> pd.DataFrame:
+    """The rows as a DataFrame; invalid records named in a warning and listed in ``frame.attrs["invalid"]``."""
     for path, problem in invalid:
-        warnings.warn(f"invalid record left out: {path}: {problem}", stacklevel=2)
+        warnings.warn(f"invalid record left out: {path}: {problem}", stacklevel=3)
     frame = pd.DataFrame(rows)
     frame.attrs["invalid"] = invalid
     return frame
