@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Fashion-MNIST (the vision CPU default's pretraining data) comes from Debian's package, installed on first use
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Chromium's driver (the report's browser test, in the slow suite) comes from Debian's packages, installed on first use
+CHROMEDRIVER := /usr/bin/chromedriver
 # offline by default: every accidental hub call would otherwise hang ~30 s; W&B logs offline without a key
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -38,7 +40,7 @@ $(FASHION_MNIST):
 test: $(STAMP) $(FASHION_MNIST)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-test-slow: $(STAMP) $(FASHION_MNIST)
+test-slow: $(STAMP) $(FASHION_MNIST) $(CHROMEDRIVER)  # the slow suite includes the report's browser test
 	$(PY) -m pytest -q -m slow
 
 # Reproduce: the experiment's sweep into a results root outside git ($(RUNS)), its tables there ($(RUNS)/tables/), then
@@ -92,6 +94,26 @@ promote: $(STAMP)
 
 tables: $(STAMP)
 	$(PY) -m eva_bench.tables
+
+.PHONY: figures report test-report
+
+# SVG figures from the records (rank curves, lr selection, EVA's ranks, loss, controls, init cost): results/figures/
+figures: $(STAMP)
+	$(PY) -m eva_bench.figures
+
+# the static HTML report from the records, tables and figures, readable from file://: results/report/index.html
+report: $(STAMP) tables figures
+	$(PY) -m eva_bench.report
+
+# Chromium and ChromeDriver (the report's browser test) come from Debian's packages, installed on first use
+$(CHROMEDRIVER):
+	@command -v apt-get >/dev/null || { echo "the browser test needs Debian's chromium and chromium-driver"; exit 1; }; \
+	(apt-get install -y -qq chromium chromium-driver || (apt-get update -qq && apt-get install -y -qq chromium \
+	  chromium-driver)) >/dev/null
+
+# the report in headless Chromium (tests/test_report.py; its browser tests are marked slow, out of `make test`)
+test-report: $(STAMP) $(CHROMEDRIVER)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m 'slow or not slow' tests/test_report.py
 
 bench: $(STAMP)
 	$(PY) -m bench.language

@@ -320,7 +320,7 @@ def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.Da
 
 
 def experiments(results_dir: Path) -> list[str]:
-    return sorted(p.name for p in results_dir.iterdir() if p.is_dir() and p.name not in {"tables", "paper"})
+    return sorted(p.name for p in results_dir.iterdir() if p.is_dir() and any(p.glob("*.json")))  # not tables/, figures/
 
 
 def main(argv=None) -> None:

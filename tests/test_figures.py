@@ -1,0 +1,176 @@
+"""Figures from records (eva_bench/figures.py): each figure draws what the records hold, figures that do not apply are
+not written (and a stale one is removed), and the SVGs are byte-identical from run to run."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from eva_bench import figures, results
+
+NLL = {  # (init, rank) -> gsm8k/nll of seeds 0, 1, 2
+    ("random", 2): [2.90, 2.92, 2.97],
+    ("eva", 2): [2.80, 2.81, 2.85],
+    ("random", 8): [2.70, 2.72, 2.74],
+    ("eva", 8): [2.65, 2.70, 2.66],
+    ("eva_rot", 2): [2.88, 2.86, 2.95],
+    ("eva_rot", 8): [2.71, 2.69, 2.75],
+}
+RANKS = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.down_proj": 1,
+         "model.layers.1.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 2}
+VARIANCE = {"model.layers.1.mlp.down_proj": 0.4, "model.layers.0.self_attn.q_proj": 0.9,
+            "model.layers.0.mlp.down_proj": 0.5, "model.layers.1.self_attn.q_proj": 0.7}
+GRID = (0.01, 0.02, 0.04)
+VALIDATION = {"random": (3.0, 2.8, 2.9), "eva": (2.7, 2.75, 3.1)}  # selection score at each lr of GRID
+
+
+def curve(seed: int, init: str) -> list:
+    return [[10, 3.0 + 0.1 * seed], [20, 2.5 + 0.1 * seed + (init == "eva") * 0.2], [30, 2.0 + 0.1 * seed]]
+
+
+def write_demo(root: Path, experiment: str = "demo", inits=("random", "eva"), tuned: bool = False) -> None:
+    """Records of a tiny experiment: math on one model, ``inits`` x ranks {2, 8} x 3 seeds; EVA with its init report;
+    under ``tuned``, the selection runs and each final run's protocol (the lr of GRID with the lowest score)."""
+    for (init, rank), values in NLL.items():
+        if init not in inits:
+            continue
+        for seed, nll in enumerate(values):
+            run = {"experiment": experiment, "task": "math", "model": "tiny", "init": init, "rank": rank,
+                   "seed": seed, "config_hash": f"h{rank}{init}"}
+            record = {"run": run, "status": "success", "metrics": {"gsm8k/nll": nll, "gsm8k/n": 10},
+                      "config": {"optim": {"lr": 0.005, "epochs": 1, "schedule": "cosine"}},
+                      "train": {"curve": curve(seed, init), "optimizer_steps": 30, "examples": 480},
+                      "finished_at": f"2026-01-0{seed + 1}", "seconds": 10.0}
+            if init == "eva":
+                record["init_report"] = {"method": "eva", "ranks": RANKS,
+                                         "details": {"explained_variance": VARIANCE}}
+            if tuned:
+                scores = dict(zip(GRID, VALIDATION[init]))
+                record["protocol"] = {"name": "tuned", "metric": "validation/nll", "grid": scores,
+                                      "selected_lr": min(scores, key=scores.get)}
+                record["config"]["protocol"] = {"name": "tuned", "lr_grid": list(GRID), "validation_size": 8,
+                                                "selection_seed": 0}
+            results.write_record(root / experiment / f"{init}-{rank}-{seed}.json", record)
+        for lr, score in zip(GRID, VALIDATION[init]) if tuned else ():  # one selection run per lr, seed 0
+            run = {"experiment": f"{experiment}/lr_search", "task": "math", "model": "tiny", "init": init,
+                   "rank": rank, "seed": 0, "config_hash": f"{init}{rank}{lr}"}
+            results.write_record(root / experiment / "lr_search" / f"{init}-{rank}-{lr}.json",
+                                 {"run": run, "status": "success", "metrics": {"validation/nll": score},
+                                  "config": {"optim": {"lr": lr}}})
+
+
+def labelled_lines(ax) -> dict:
+    """The data lines of ``ax`` by legend label (caps, markers of choice and guides are labelled "_...")."""
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def t_interval(values) -> tuple[float, float]:
+    values = np.asarray(values)
+    half = scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return values.mean() - half, values.mean() + half
+
+
+def test_rank_figure_has_one_line_per_init_with_the_seed_means_and_t_intervals(tmp_path):
+    write_demo(tmp_path)
+    fig = figures.rank_figure(figures.load(tmp_path, "demo"))
+    ax = fig.axes[0]
+    drawn = {c.get_label(): c.lines for c in ax.containers}  # one errorbar per init: (line, caps, (bars,))
+    assert list(drawn) == ["random", "eva"]  # the tables' method order
+    for init, (line, _, _) in drawn.items():
+        assert np.allclose(line.get_ydata(), [np.mean(NLL[init, 2]), np.mean(NLL[init, 8])])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "8"]
+    segments = drawn["eva"][2][0].get_segments()
+    for rank, segment in zip((2, 8), segments):
+        assert np.allclose(sorted(segment[:, 1]), t_interval(NLL["eva", rank]))
+
+
+def test_lr_curves_draw_one_point_per_selection_run_and_star_the_chosen_lr(tmp_path):
+    write_demo(tmp_path, tuned=True)
+    exp = figures.load(tmp_path, "demo")
+    fig = figures.lr_curves_figure(exp)
+    points = sum(len(line.get_xdata()) for ax in fig.axes for line in labelled_lines(ax).values())
+    assert points == len(exp.selection) == 2 * 2 * len(GRID)
+    for ax in fig.axes[:2]:  # r = 2 and r = 8 of the one task
+        assert np.allclose(labelled_lines(ax)["eva"].get_ydata(), VALIDATION["eva"])
+        stars = sorted(tuple(line.get_xdata()) for line in ax.get_lines() if line.get_label() == "_chosen")
+        assert stars == [(0.01,), (0.02,)]  # eva's best validation lr, random's
+
+
+def test_figures_that_do_not_apply_return_none(tmp_path):
+    write_demo(tmp_path)
+    exp = figures.load(tmp_path, "demo")
+    assert figures.lr_curves_figure(exp) is None  # fixed protocol: no selection runs
+    assert figures.controls_figure(exp) is None  # not a *_controls experiment
+    write_demo(tmp_path, experiment="no_eva", inits=("random",))
+    assert figures.eva_ranks_figure(figures.load(tmp_path, "no_eva")) is None
+
+
+def test_eva_heatmaps_lay_out_ranks_and_explained_variance_by_layer_and_module(tmp_path):
+    write_demo(tmp_path)
+    fig = figures.eva_ranks_figure(figures.load(tmp_path, "demo"))
+    ranks, variance = fig.axes[0].images[0].get_array(), fig.axes[1].images[0].get_array()  # row r = 2
+    assert np.array_equal(ranks, [[3, 1], [2, 2]])  # layers 0, 1 x q_proj, down_proj
+    assert np.allclose(variance, [[0.9, 0.5], [0.7, 0.4]])  # the same layout, whatever the dict's order
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["self_attn.q_proj", "mlp.down_proj"]
+
+
+def test_loss_figure_draws_the_mean_curve_and_the_seed_range(tmp_path):
+    write_demo(tmp_path)
+    fig = figures.loss_figure(figures.load(tmp_path, "demo"))
+    eva = labelled_lines(fig.axes[0])["eva"]
+    assert np.allclose(eva.get_xdata(), [10, 20, 30])
+    assert np.allclose(eva.get_ydata(), np.mean([[y for _, y in curve(s, "eva")] for s in range(3)], axis=0))
+
+
+def test_controls_figure_shows_paired_differences_from_eva_and_from_random(tmp_path):
+    write_demo(tmp_path, experiment="demo_controls", inits=("random", "eva", "eva_rot"))
+    fig = figures.controls_figure(figures.load(tmp_path, "demo_controls"))
+    from_eva, from_random = fig.axes[:2]
+    assert "from eva" in from_eva.get_title() and "from random" in from_random.get_title()
+    # rank 2, eva_rot - eva, seed by seed: the point's x; methods listed in the tables' order, random first
+    assert [t.get_text() for t in from_eva.get_yticklabels()] == ["random", "eva_rot"]
+    r2 = from_eva.containers[0]
+    diff = np.mean(np.subtract(NLL["eva_rot", 2], NLL["eva", 2]))
+    assert np.isclose(r2.lines[0].get_xdata()[1], diff)
+
+
+def test_svgs_are_byte_identical_from_run_to_run_and_keep_text(tmp_path):
+    write_demo(tmp_path, tuned=True)
+    first = figures.write_experiment(tmp_path, "demo", tmp_path / "a")
+    second = figures.write_experiment(tmp_path, "demo", tmp_path / "b")
+    assert [p.name for p in first] == ["rank.svg", "lr_curves.svg", "eva_ranks.svg", "loss.svg"]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    text = first[0].read_text()
+    assert "<text" in text and "LoRA rank r" in text and "<dc:date>" not in text
+
+
+def test_cli_writes_each_experiment_and_removes_a_stale_figure(tmp_path):
+    write_demo(tmp_path)
+    stale = tmp_path / "figures" / "demo" / "lr_curves.svg"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("<svg/>")  # from an earlier, tuned, version of the records
+    figures.main(["--results", str(tmp_path), "--experiment", "demo"])
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["eva_ranks.svg", "loss.svg", "rank.svg"]
+
+
+def test_init_cost_figure_from_the_newest_bench_record(tmp_path):
+    bench = {"machine": {"cpu": "test cpu", "torch_threads": 1}, "results": {"vit": {
+        "random": {"seconds": 0.1, "forwards_seconds": 0.0, "calibration_batches": 0},
+        "eva": {"seconds": 3.0, "forwards_seconds": 2.0, "calibration_batches": 16},
+        "broken": {"error": "FileNotFoundError"}}}}
+    (tmp_path / "init-2026-01-01.json").write_text(json.dumps({"machine": {}, "results": {"vit": {}}}))
+    (tmp_path / "init-2026-02-01.json").write_text(json.dumps(bench))
+    ax = figures.init_cost_figure(tmp_path).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["random", "eva"]  # by cost; the failed one left out
+    totals, forwards = ax.containers
+    assert [bar.get_width() for bar in totals] == [0.1, 3.0] and [bar.get_width() for bar in forwards] == [0.0, 2.0]
+    assert figures.init_cost_figure(tmp_path / "none") is None
+
+
+def test_captions_come_from_the_figure_functions():
+    for name in [*figures.FIGURES, *figures.BENCH_FIGURES]:
+        assert figures.caption(name) and "\n" not in figures.caption(name)
