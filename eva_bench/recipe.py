@@ -118,8 +118,10 @@ class RunContext:
     path: object  # the record's path
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, domain: str, *, task: str, model: str, **keys) -> RunContext:
+    def from_config(cls, cfg: DictConfig, domain: str, *, task: str, model: str, init: str | None = None,
+                    rank: int | None = None, **keys) -> RunContext:
         """The record of a ``domain`` recipe's run (``check_domain``: another module's option is an error here).
+        ``init``/``rank`` name a record that is not the config's init (scoring: "base" or a saved adapter's);
         ``keys``: further run keys tables group by (vision: ``task_group``, to average within VTAB groups).
         Under torchrun this process first joins the job's process group."""
         check_domain(cfg, domain)
@@ -130,13 +132,13 @@ class RunContext:
             "experiment": cfg.experiment_name,
             "task": task,
             "model": model,
-            "init": cfg.init.name,
-            "rank": int(cfg.lora.r),
+            "init": init or cfg.init.name,
+            "rank": int(cfg.lora.r if rank is None else rank),
             "seed": int(cfg.seed),
             "config_hash": results.config_hash(config),
             **keys,
         }
-        run_id = results.run_id(task, model, cfg.init.name, cfg.lora.r, cfg.seed, config)
+        run_id = results.run_id(task, model, run["init"], run["rank"], cfg.seed, config)
         return cls(config=config, run=run, path=results.record_path(cfg.results_dir, cfg.experiment_name, run_id))
 
     def finished(self) -> bool:

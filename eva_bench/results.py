@@ -40,7 +40,7 @@ RUN_KEYS = {"experiment": str, "task": str, "model": str, "init": str, "rank": i
 RECORD_MODE = 0o644  # teammates on a shared cluster read each other's records
 PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core", "minari", "metaworld", "wandb")
 LR_ROW = "lr*"  # the learning rate the tuned protocol selected, shown as a table row
-IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads", "device")  # bookkeeping, not the result
+IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads", "device", "save_adapter")  # bookkeeping, not the result
 
 
 def config_hash(config: dict) -> str:

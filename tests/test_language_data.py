@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from eva_bench.assets import OfflineHubError, asset
+from tasks.language import answers as A
 from tasks.language import data as D
 from tasks.language import evaluate as E
 
@@ -117,16 +118,16 @@ def test_unknown_names_and_offline_hub(monkeypatch):
 def test_gsm8k_gold_and_extraction_on_real_rows():
     rows = _jsonl("gsm8k/test.jsonl")[:200]
     for row, ex in zip(rows, D.gsm8k_test()[:200]):
-        gold = E.gsm8k_gold(row["answer"])
+        gold = A.gsm8k_gold(row["answer"])
         assert gold == ex.answer.replace(",", "")
-        assert E.extract_number(D.gsm8k_to_metamath(row["answer"])) == gold
+        assert A.extract_number(D.gsm8k_to_metamath(row["answer"])) == gold
         # Without the closing phrase, the last number of the original solution is the answer too.
-        assert E.extract_number(row["answer"]) == gold
+        assert A.extract_number(row["answer"]) == gold
     # Commas and negatives in real gold fields.
     train = _jsonl("gsm8k/train.jsonl")
     assert any("," in r["answer"].split("####")[1] for r in train)
     for r in train:
-        assert E.extract_number(D.gsm8k_to_metamath(r["answer"])) == E.gsm8k_gold(r["answer"])
+        assert A.extract_number(D.gsm8k_to_metamath(r["answer"])) == A.gsm8k_gold(r["answer"])
 
 
 @pytest.mark.parametrize(
@@ -143,23 +144,23 @@ def test_gsm8k_gold_and_extraction_on_real_rows():
     ],
 )
 def test_extract_number(text, expected):
-    assert E.extract_number(text) == expected
+    assert A.extract_number(text) == expected
 
 
 def test_math_gold_on_real_rows():
     full = _jsonl("math/test.jsonl")
-    assert E.math_gold(full[0]) == "2"
-    assert E.math_gold(full[2]) == "\\dfrac{9}{7}"
-    assert E.math_gold(full[6]) == "x \\in [-2,7]"  # nested brackets inside the box
+    assert A.math_gold(full[0]) == "2"
+    assert A.math_gold(full[2]) == "\\dfrac{9}{7}"
+    assert A.math_gold(full[6]) == "x \\in [-2,7]"  # nested brackets inside the box
     for row in full[:300]:
-        assert E.math_gold(row)
+        assert A.math_gold(row)
     # MATH-500: the given answer agrees with the solution's last box, for every row.
     m500 = _jsonl("math/math500.jsonl")
-    assert E.math_gold(m500[0]) == m500[0]["answer"]
-    assert all(E.math_equal(E.last_boxed(r["solution"]), r["answer"]) for r in m500)
+    assert A.math_gold(m500[0]) == m500[0]["answer"]
+    assert all(A.math_equal(A.last_boxed(r["solution"]), r["answer"]) for r in m500)
     # And extraction from the full reference solution recovers it.
     for ex in D.math_test("math500")[:50]:
-        assert E.math_correct(ex.target, ex)
+        assert A.math_correct(ex.target, ex)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +176,7 @@ def test_math_gold_on_real_rows():
     ],
 )
 def test_extract_math_answer(text, expected):
-    assert E.extract_math_answer(text) == expected
+    assert A.extract_math_answer(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -201,22 +202,22 @@ def test_extract_math_answer(text, expected):
     ],
 )
 def test_math_equal(pred, gold, equal):
-    assert E.math_equal(pred, gold) is equal
+    assert A.math_equal(pred, gold) is equal
 
 
 def test_commonsense_extraction():
-    assert E.extract_commonsense_answer("boolq", "the correct answer is true") == "true"
-    assert E.extract_commonsense_answer("boolq", "The correct answer is False.") == "false"
-    assert E.extract_commonsense_answer("ARC-Easy", "answer2 or maybe answer3") == "answer2"
-    assert E.extract_commonsense_answer("winogrande", "the correct answer is option1") == "option1"
-    assert E.extract_commonsense_answer("piqa", "I do not know") == ""
+    assert A.extract_commonsense_answer("boolq", "the correct answer is true") == "true"
+    assert A.extract_commonsense_answer("boolq", "The correct answer is False.") == "false"
+    assert A.extract_commonsense_answer("ARC-Easy", "answer2 or maybe answer3") == "answer2"
+    assert A.extract_commonsense_answer("winogrande", "the correct answer is option1") == "option1"
+    assert A.extract_commonsense_answer("piqa", "I do not know") == ""
     with pytest.raises(ValueError):
-        E.extract_commonsense_answer("nope", "true")
+        A.extract_commonsense_answer("nope", "true")
     # Every real test target is read back as its answer.
     for task in D.COMMONSENSE_TASKS:
         examples = D.commonsense_test(task)
-        assert all(E.commonsense_correct(ex.target, ex) for ex in examples)
-        assert not E.commonsense_correct("the correct answer is", examples[0])
+        assert all(A.commonsense_correct(ex.target, ex) for ex in examples)
+        assert not A.commonsense_correct("the correct answer is", examples[0])
 
 
 # --------------------------------------------------------------------------------------- tokenization and models
@@ -343,7 +344,7 @@ def test_generation_accuracy(model, tokenizer):
     )
     assert single["accuracy"] == 0.0 and single["outputs"] == batched["outputs"]
     assert all(isinstance(text, str) for text in batched["outputs"])
-    real = E.generation_accuracy(model, tokenizer, examples[:3], E.gsm8k_correct, max_new_tokens=6)
+    real = E.generation_accuracy(model, tokenizer, examples[:3], A.gsm8k_correct, max_new_tokens=6)
     assert 0.0 <= real["accuracy"] <= 1.0
 
 
@@ -378,7 +379,7 @@ def test_works_with_a_peft_model(model, tokenizer):
         examples = D.commonsense_test("boolq", limit=3)
         assert math.isfinite(E.answer_nll(wrapped, tokenizer, examples)["nll"])
         assert E.choice_accuracy(wrapped, tokenizer, examples)["n"] == 3
-        assert E.generation_accuracy(wrapped, tokenizer, examples, E.commonsense_correct, max_new_tokens=4)["n"] == 3
+        assert E.generation_accuracy(wrapped, tokenizer, examples, A.commonsense_correct, max_new_tokens=4)["n"] == 3
         assert wrapped.training  # the evaluation restored training mode
     finally:
         wrapped.unload()  # give the shared fixture model back without LoRA layers

@@ -9,16 +9,20 @@ commonsense_170k) are used only when asked for, and fail fast with a clear messa
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import random
 import re
+import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from eva_bench.assets import asset, check_documented_rows, require_hub
+from tasks.language.answers import GSM8K_FINAL, gsm8k_final, math_gold
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +82,15 @@ class DataError(ValueError):
 
 
 def _read_rows(relpath: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every row of a JSON Lines file or a JSON list, each with where it is (``<file>, line <n>`` / ``item <n>``):
-    a line cut mid-way or a file that is not a list is an error naming the file and line."""
-    path = asset(relpath)
-    with open(path, encoding="utf-8") as fh:
+    """Every row of a JSON Lines file, a JSON list or a CSV file with a header, each with where it is (``<file>, line
+    <n>`` / ``item <n>``): a line cut mid-way or a file that is not a list is an error naming the file and line.
+    ``relpath``: under the data root, or an absolute (or ``~``) path."""
+    path = asset(Path(relpath).expanduser())
+    with open(path, encoding="utf-8", newline="") as fh:
+        if path.suffix == ".csv":  # a header row names the fields; line numbers count it
+            rows = [(f"{path}, line {n}", row) for n, row in enumerate(csv.DictReader(fh), 2)]
+            check_documented_rows(relpath, len(rows))
+            return rows
         if path.suffix == ".jsonl":
             rows = []
             for n, line in enumerate(fh, 1):
@@ -139,24 +148,13 @@ def _check_task(task: str, valid: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
-_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
-
-
-def gsm8k_final(answer_field: str) -> str:
-    """The text after ``####`` in a GSM8K answer, commas removed (e.g. ``"70,000"`` -> ``"70000"``)."""
-    match = _FINAL.search(answer_field)
-    if match is None:
-        raise ValueError(f"GSM8K answer has no '#### n' line: {answer_field[-80:]!r}")
-    return match.group(1).replace(",", "").strip()
-
-
 def gsm8k_to_metamath(answer_field: str) -> str:
     """Rewrite a GSM8K solution in MetaMathQA's response style: drop the ``<<a*b=c>>`` calculator annotations and
     replace the final ``#### n`` with ``The answer is: n``, so GSM8K-trained and MetaMathQA-trained models end their
     answers the same way (and one extractor serves both)."""
     body = _CALCULATOR.sub("", answer_field)
     final = gsm8k_final(body)
-    body = _FINAL.sub("", body).rstrip()
+    body = GSM8K_FINAL.sub("", body).rstrip()
     return f"{body}\nThe answer is: {final}"
 
 
@@ -215,9 +213,6 @@ def math_test(subset: str = "math500", limit: int | None = None, seed: int = 0) 
     """MATH test problems: ``subset="math500"`` (the 500-problem subset with a given ``answer``) or ``"full"``
     (all 5,000; the answer is the last ``\\boxed{}`` of the solution). The target is the reference solution
     followed by ``The answer is: X``, the way MetaMathQA writes its MATH responses."""
-    # Imported here: evaluate.py imports this module, and the gold extraction lives with the other extractors.
-    from tasks.language.evaluate import math_gold
-
     if subset == "math500":
         relpath, source = "math/math500.jsonl", "math500"
     elif subset == "full":
@@ -289,6 +284,76 @@ def commonsense_test(task: str, limit: int | None = None, seed: int = 0) -> list
     _check_task(task, COMMONSENSE_TASKS)
     rows = _subset(_read_rows(f"commonsense/{task}/test.json"), limit, seed)
     return _examples(rows, lambda r: _commonsense_example(r, f"commonsense/{task}"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sets added by config
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _gold_choice(gold: Any, labels: Sequence[str], texts: Sequence[str]) -> str:
+    """The label of the gold option: ``gold`` is a label ("B"), an option's text, or an index from 0 (a number, or
+    digits when no option reads so: CSV cells are text)."""
+    text = str(gold).strip()
+    for label, option in zip(labels, texts):
+        if text.casefold() in (label.casefold(), f"({label.casefold()})", str(option).strip().casefold()):
+            return label
+    if text.isdigit() and not isinstance(gold, bool):
+        if int(text) < len(labels):
+            return labels[int(text)]
+        raise ValueError(f"gold index {text} is not one of the {len(labels)} options (indices count from 0)")
+    raise ValueError(f"gold answer {text!r} is neither a label ({'/'.join(labels)}) nor an option's text")
+
+
+def file_set(
+    path: str,
+    prompt: str,
+    answer: str,
+    target: str = "The answer is: {answer}",
+    choices: str | Sequence[str] | None = None,
+    options: Sequence[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    source: str | None = None,
+) -> list[Example]:
+    """A data set from a JSON Lines, JSON (a list of rows) or CSV file, mapped by config (``conf/task/*_file.yaml``).
+
+    ``prompt`` and ``target`` are ``str.format`` templates over a row's fields; the prompt is wrapped in the Alpaca
+    template the models are trained with, and ``{answer}`` in the target is the gold answer. ``answer`` is the field
+    holding the gold answer. Multiple choice, either way: ``choices`` names the field holding a row's list of option
+    texts (or the list of fields holding them, e.g. CSV columns ``[A, B, C, D]``); the model answers with a letter,
+    and ``{options}`` in the prompt is the lettered list. Or ``options`` lists what the model writes, the same for
+    every row (e.g. ``[true, false]``). Either way the gold may be a label, an option's text or an index from 0.
+    A row without a field the templates name is an error naming the file and row.
+    """
+    if choices is not None and options is not None:
+        raise ValueError("file_set: give choices (option texts per row) or options (the same for every row), not both")
+    if "answer" in _fields(prompt):
+        raise ValueError(f"file_set: the prompt template {prompt!r} shows the answer")
+    name = source or Path(path).stem
+
+    def example(row: dict[str, Any]) -> Example:
+        gold = row[answer]
+        if choices is not None:
+            texts = row[choices] if isinstance(choices, str) else [row[field] for field in choices]
+            if not isinstance(texts, (list, tuple)) or len(texts) < 2:
+                raise ValueError(f"field {choices!r} must hold a list of at least two options, found {texts!r}")
+            labels = tuple(string.ascii_uppercase[: len(texts)])
+            listed = "\n".join(f"{label}. {text}" for label, text in zip(labels, texts))
+            gold, prompt_text = _gold_choice(gold, labels, texts), prompt.format(**row, options=listed)
+        elif options is not None:
+            labels = tuple(str(o) for o in options)
+            gold, prompt_text = _gold_choice(gold, labels, labels), prompt.format(**row)
+        else:
+            labels, gold, prompt_text = (), str(gold).strip(), prompt.format(**row)
+        return Example(prompt=render_prompt(prompt_text), target=target.format(**{**row, "answer": gold}),
+                       answer=gold, choices=labels, source=name)
+
+    return _examples(_subset(_read_rows(str(path)), limit, seed), example)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench import protocol
+from eva_bench.adapters import save_adapter
 from eva_bench.init import Calibration
 from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
+from tasks.language import answers
 from tasks.language import data as language_data
 from tasks.language import evaluate as language_eval
 
@@ -48,11 +50,7 @@ def run(cfg: DictConfig) -> dict:
         if len(features) < batch_size:  # before any work: an init and an evaluation of an untrained adapter
             raise language_data.DataError(f"{len(features)} training examples fit max_length, fewer than one batch "
                                           f"of data.batch_size={batch_size}: nothing to train on")
-        # every eval set read now, so a bad test file fails the run before it trains
-        eval_sets = {name: build(spec.data) for name, spec in cfg.task.evals.items()}
-        for name, examples in eval_sets.items():
-            if not examples:
-                raise language_data.DataError(f"eval {name!r}: its data ({cfg.task.evals[name].data}) has no examples")
+        eval_sets = read_evals(cfg.task.evals)  # now, so a bad test file or scorer fails the run before it trains
 
         # initialize: the same seeded calibration batches for every data-driven method
         calibration = lm_calibration(calibration_batches(features, cfg.calibration, pad_id, cfg.seed), len(features))
@@ -83,16 +81,36 @@ def run(cfg: DictConfig) -> dict:
             record.metrics({protocol.VALIDATION_METRIC: nll["nll"], "validation/n": len(validation)})
             return record.finish("success" if math.isfinite(nll["nll"]) else "diverged")  # NaN weights: no score
 
+        if cfg.get("save_adapter"):
+            save_adapter(model, ctx.path.with_suffix(".adapter"), base_weights_modified=report.base_weights_modified,
+                         run=ctx.run)
         # evaluate: every eval of the task config, on held-out test data only
-        metrics = {}
-        for name, spec in cfg.task.evals.items():
-            examples = fitting(eval_sets[name], tokenizer, model, spec, cfg.data.max_length)
-            metrics[f"{name}/n"] = len(examples)
-            metrics.update({f"{name}/{k}": v for k, v in evaluate(model, tokenizer, examples, spec, cfg.data).items()})
-        if cfg.task.average:
-            metrics.update(averages(metrics))
-        record.metrics(metrics)
+        record.metrics(evaluate_task(model, tokenizer, eval_sets, cfg))
         return record.finish("success")
+
+
+def read_evals(evals) -> dict:
+    """Every eval set of a task config, read, with its scorer checked: a bad file or scorer name fails here."""
+    eval_sets = {}
+    for name, spec in evals.items():
+        eval_sets[name] = build(spec.data)
+        if not eval_sets[name]:
+            raise language_data.DataError(f"eval {name!r}: its data ({spec.data}) has no examples")
+        if "accuracy" in spec.metrics:
+            answers.scorer(spec.scorer)
+    return eval_sets
+
+
+def evaluate_task(model, tokenizer, eval_sets: dict, cfg: DictConfig) -> dict:
+    """Every eval of the task config on its test examples that fit the model, and the averages when asked."""
+    metrics = {}
+    for name, spec in cfg.task.evals.items():
+        examples = fitting(eval_sets[name], tokenizer, model, spec, cfg.data.max_length)
+        metrics[f"{name}/n"] = len(examples)
+        metrics.update({f"{name}/{k}": v for k, v in evaluate(model, tokenizer, examples, spec, cfg.data).items()})
+    if cfg.task.average:
+        metrics.update(averages(metrics))
+    return metrics
 
 
 def causal_lm_loss(model, batch) -> torch.Tensor:
@@ -129,7 +147,7 @@ def evaluate(model, tokenizer, examples, spec, data_cfg) -> dict:
             res = language_eval.answer_nll(model, tokenizer, examples, data_cfg.max_length, data_cfg.eval_batch_size)
             out["nll"] = res["nll"]
         elif metric == "accuracy":
-            score = hydra.utils.get_method(spec.scorer)
+            score = answers.scorer(spec.scorer)
             res = language_eval.generation_accuracy(
                 model, tokenizer, examples, score, spec.max_new_tokens, data_cfg.eval_batch_size
             )
