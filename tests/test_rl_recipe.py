@@ -62,3 +62,22 @@ def test_language_options_are_refused(tmp_path):
 def test_a_held_out_task_that_is_also_pretrained_on_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="also a pretraining task"):
         run(compose_run(tmp_path, "task.finetune=push-v3"))
+
+
+def test_a_checkpoint_folder_trains_exactly_as_the_cached_pretraining(tmp_path):
+    """model=dt_local: the cached pretrained checkpoint copied to a folder of one's own gives the same run."""
+    import shutil
+
+    cached = run(compose_run(tmp_path / "cached", "init=eva", "lora.r=2"))
+    folder = shutil.copytree(cached["artifacts"]["checkpoint"]["path"], tmp_path / "my_dt")
+    not_model = [o for o in TINY if not o.startswith("model.")]
+    local = run(compose_run(tmp_path / "local", "model=dt_local", f"model.checkpoint={folder}", "model.context=4",
+                            "init=eva", "lora.r=2", tiny=not_model))
+    assert local["status"] == "success" and local["run"]["model"] == "dt_local"
+    assert local["artifacts"]["checkpoint"]["path"] == str(folder)
+    assert local["artifacts"]["checkpoint"]["weights_sha256"] == cached["artifacts"]["checkpoint"]["weights_sha256"]
+    assert local["metrics"] == cached["metrics"] and local["train"]["curve"] == cached["train"]["curve"]
+    (folder / "meta.json").unlink()
+    with pytest.raises(ValueError, match="is not a decision-transformer checkpoint"):
+        run(compose_run(tmp_path / "bad", "model=dt_local", f"model.checkpoint={folder}", "model.context=4",
+                        tiny=not_model))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from eva_bench.assets import OfflineHubError
+from eva_bench.assets import MissingAssetError, OfflineHubError
+from eva_bench.recipe import build
 from eva_bench.init import INITS, Calibration, InitError, find_targets, initialize
 from tasks.vision import models
 from tasks.vision.train import calibration_batches, run, token_rows
@@ -134,3 +135,38 @@ def test_paper_scale_configs_compose_and_target_the_right_layers_without_weights
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     with pytest.raises(OfflineHubError, match=cfg.model.load.name):
         models.from_timm_hub(cfg.model.load.name, cfg.model.load.image_size)
+
+
+def test_a_timm_vit_saved_to_a_folder_loads_offline_and_trains(tmp_path, monkeypatch):
+    """model=vit_local: the tiny backbone saved with timm's save_for_hf, loaded back from the folder with the hub
+    off: the same weights and normalisation, and a run on it records the folder and the weights' SHA-256."""
+    import timm
+    from timm.models import save_for_hf
+
+    source = build(compose_vision(tmp_path).model.load)
+    # a user's folder: a registered timm architecture at the tiny sizes, holding the tiny backbone's weights
+    mine = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
+                             embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10, global_pool="token")
+    mine.load_state_dict(source.model.state_dict())
+    save_for_hf(mine, tmp_path / "my_vit", model_config={"pretrained_cfg": {"mean": source.mean, "std": source.std}},
+                safe_serialization=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = [f"model.load.name={tmp_path / 'my_vit'}", "model.load.image_size=28", "model.load.resize=false"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="vision", overrides=[
+            "model=vit_local", *local, *(o for o in TINY if not o.startswith("model.")), f"results_dir={tmp_path}",
+            "init=eva", "lora.r=2", "task.dataset=mnist_location"])
+    loaded = build(cfg.model.load)
+    assert (loaded.mean, loaded.std, loaded.in_chans) == (source.mean, source.std, 1)
+    for (name, a), (_, b) in zip(source.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    record = run(cfg)
+    assert record["status"] == "success" and record["run"]["model"] == "vit_local"
+    weights = tmp_path / "my_vit" / "model.safetensors"
+    assert record["backbone"] == {"local_dir": str(tmp_path / "my_vit"),
+                                  "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        missing = compose(config_name="vision", overrides=["model=vit_local", f"model.load.name={tmp_path}/nowhere",
+                                                          "model.load.image_size=28"])
+    with pytest.raises(MissingAssetError, match="no such directory"):
+        build(missing.model.load)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eva_bench import distributed
 from eva_bench.artifacts import BUILD_THREADS, dataset_content_hash, machine, pinned_threads, sha256_file
-from eva_bench.assets import cache_dir
+from eva_bench.assets import cache_dir, local_folder
 from eva_bench.locks import exclusive
 from eva_bench.recipe import seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -61,8 +61,11 @@ def checkpoint_key(cfg: DictConfig) -> str:
 
 
 def pretrained(cfg: DictConfig):
-    """(model, meta): the cached pretrained DT for ``cfg``, trained first if missing. ``meta["path"]`` is the
-    checkpoint's folder; ``meta["weights_sha256"]`` names its weights, ``meta["datasets"]`` its data."""
+    """(model, meta): the cached pretrained DT for ``cfg``, trained first if missing, or the checkpoint folder the
+    model config names (``model.checkpoint``: ``conf/model/dt_local.yaml``). ``meta["path"]`` is the checkpoint's
+    folder; ``meta["weights_sha256"]`` names its weights, ``meta["datasets"]`` its data."""
+    if cfg.model.get("checkpoint"):
+        return local_checkpoint(cfg.model.checkpoint, envs.make(cfg.task.finetune, cfg.task.data.max_episode_steps))
     for task in [*cfg.task.pretrain_tasks, cfg.task.finetune]:
         envs.check_task(task)
     if cfg.task.finetune in cfg.task.pretrain_tasks:
@@ -80,6 +83,31 @@ def pretrained(cfg: DictConfig):
     meta["normalizer"] = StateNormalizer(np.asarray(meta["state_mean"]), np.asarray(meta["state_std"]))
     meta["path"] = str(path)
     return DecisionTransformerModel.from_pretrained(path), meta
+
+
+def local_checkpoint(name: str, env):
+    """(model, meta) from a checkpoint folder: a decision transformer's ``save_pretrained`` files and the
+    ``meta.json`` eva_bench writes beside them (the state normaliser it was trained with), e.g. a folder copied from
+    another machine's ``<cache>/rl_pretrained/``. A folder that lacks them, or a model whose state or action size is
+    not the task's, is an error here."""
+    from transformers import DecisionTransformerModel
+
+    folder = local_folder(str(name) if str(name).startswith(("/", "./", "../", "~")) else f"./{name}")
+    meta_file = folder / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if not {"state_mean", "state_std"} <= set(meta) or not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a decision-transformer checkpoint: it needs config.json and model weights "
+                         f"(save_pretrained) and meta.json with the state_mean and state_std it was trained with")
+    model = DecisionTransformerModel.from_pretrained(folder)
+    sizes = (model.config.state_dim, model.config.act_dim)
+    if sizes != (env.observation_space.shape[0], env.action_space.shape[0]):
+        raise ValueError(f"{folder}: the model takes {sizes[0]} state and {sizes[1]} action dimensions; the task "
+                         f"has {env.observation_space.shape[0]} and {env.action_space.shape[0]}")
+    weights = folder / "model.safetensors"
+    meta = {"weights_sha256": sha256_file(weights) if weights.is_file() else None, "threads": None, "machine": None,
+            "datasets": {}, **meta, "path": str(folder)}
+    meta["normalizer"] = StateNormalizer(np.asarray(meta["state_mean"]), np.asarray(meta["state_std"]))
+    return model, meta
 
 
 def checkpoint_folder(cfg: DictConfig) -> Path:

@@ -106,7 +106,8 @@ def run(cfg: DictConfig) -> dict:
         record.metrics({
             "rollout/success_rate": out["success_rate"], "rollout/return": out["return"],
             "rollout/n": out["episodes"], "rollout/errors": out["errors"],
-            "pretrain/success_rate": meta["success_rate"],  # the pretrained policy on its own (MT) tasks
+            # the pretrained policy on its own (MT) tasks, when the checkpoint says (a foreign one may not)
+            **({"pretrain/success_rate": meta["success_rate"]} if "success_rate" in meta else {}),
         })
         record.body["rollout_errors"] = out["error_messages"]
         record.body["pretrain"] = {k: v for k, v in meta.items()

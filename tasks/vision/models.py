@@ -4,7 +4,8 @@
   (timm's ``VisionTransformer``, 28x28 grayscale input, patch 4) on Fashion-MNIST's 60k training images, once. The
   weights are cached under ``<cache>/backbones/<name>-<config hash>/`` with their SHA-256 and the recorded test
   accuracy; a cached file whose hash does not match is rebuilt, never used, and concurrent runs build it once (a lock).
-- ``from_timm_hub``: paper scale (DINOv2 ViT-g/14, ViT-B/16) with pretrained weights from the hub.
+- ``from_timm_hub``: paper scale (DINOv2 ViT-g/14, ViT-B/16) with pretrained weights from the hub, or any timm
+  ViT saved to a local folder (``conf/model/vit_local.yaml``).
 
 Both return a :class:`Backbone`: the model plus how images must be prepared for it (size, channels, normalisation).
 """
@@ -26,7 +27,7 @@ from torch import nn
 
 from eva_bench import distributed
 from eva_bench.artifacts import BUILD_THREADS, machine, pinned_threads, sha256_file
-from eva_bench.assets import cache_dir, require_hub
+from eva_bench.assets import cache_dir, local_folder, require_hub
 from eva_bench.locks import exclusive
 from eva_bench.train import OptimConfig, fit
 from tasks.vision import data as vision_data
@@ -180,21 +181,31 @@ def _pretrain_pinned(folder: Path, spec: dict) -> dict:
 
 
 def from_timm_hub(name: str, image_size: int, revision: str | None = None, resize: bool = True) -> Backbone:
-    """A pretrained timm ViT from the hub (``timm/<name>``), at ``image_size``; offline and not cached: a clear
-    error before any work. ``revision`` pins the hub commit (timm's ``hf_hub_id@revision``)."""
-    hub_id = f"timm/{name}"
-    require_hub(hub_id, revision)
-    overlay = {"hf_hub_id": f"{hub_id}@{revision}" if revision else hub_id}
-    model = timm.create_model(name, pretrained=True, img_size=image_size, pretrained_cfg_overlay=overlay)
+    """A pretrained timm ViT from the hub (``timm/<name>``), or from a local folder (timm's ``save_for_hf`` output:
+    ``config.json`` and ``model.safetensors``), at ``image_size``. Offline and not cached: a clear error before any
+    work. ``revision`` pins the hub commit (timm's ``hf_hub_id@revision``)."""
+    folder = local_folder(name)
+    if folder is not None:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True, img_size=image_size)
+        weights = next((folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()), None)
+        info = {"local_dir": str(folder), "sha256": sha256_file(weights) if weights else None}
+    else:
+        hub_id = f"timm/{name}"
+        require_hub(hub_id, revision)
+        overlay = {"hf_hub_id": f"{hub_id}@{revision}" if revision else hub_id}
+        model = timm.create_model(name, pretrained=True, img_size=image_size, pretrained_cfg_overlay=overlay)
+        info = {"hub_id": hub_id, "revision": revision}
     cfg = model.pretrained_cfg
     return Backbone(model.eval(), image_size, cfg.get("input_size", (3,))[0], tuple(cfg["mean"]), tuple(cfg["std"]),
-                    resize=resize, info={"hub_id": hub_id, "revision": revision})
+                    resize=resize, info=info)
 
 
 def architecture_only(name: str, image_size: int) -> nn.Module:
-    """A hub backbone's architecture on the meta device (no weights, no memory): what config checks need."""
+    """A hub (or local folder's) backbone's architecture on the meta device (no weights, no memory): what config
+    checks need."""
+    folder = local_folder(name)
     with torch.device("meta"):
-        return timm.create_model(name, pretrained=False, img_size=image_size)
+        return timm.create_model(f"local-dir:{folder}" if folder else name, pretrained=False, img_size=image_size)
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
