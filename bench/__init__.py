@@ -1,9 +1,11 @@
 """Speed benchmarks of the suite's own machinery, each measured against a plain baseline in the same run.
 
-    make bench                    # all three, about 10 minutes on 2 idle cores
+    make bench                    # the five below, one after another (bench/README.md: what each took)
     python -m bench.language      # the training loop vs plain PyTorch; EVA vs its forward passes (stories260K)
     python -m bench.eva           # eva_bench's EVA vs PEFT's, each vs its forwards (ViT-tiny, stories260K); the cache
     python -m bench.init          # every registered init: seconds and peak memory vs a training step and its forwards
+    python -m bench.rl            # the decision-transformer LoRA loop vs a plain PyTorch loop
+    python -m bench.vision        # the vision loop vs a plain loop; the backbone build time (--cold: rebuilt)
 
 See bench/README.md for what is measured, why, and the figures measured so far.
 """

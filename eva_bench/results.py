@@ -1,8 +1,10 @@
 """The run record: one immutable JSON file per run, written atomically, with the provenance to trust it.
 
 Path: ``<results_dir>/<experiment>/<task>--<model>--<init>--r<rank>--s<seed>--<config hash>.json``. The hash covers
-every setting that changes the result (not ``seed``, ``force``, logging or paths), so a changed config never
-overwrites or masquerades as an old result. A sweep restarted after a kill skips every finished run (success or
+the whole run config but ``IGNORED_FOR_HASH`` (seed, which the name carries, and bookkeeping: force, logging, paths,
+threads, device, save_adapter), so a changed config never overwrites or masquerades as an old result. The experiment
+name is in the config, so it is in the hash: a run is identified within its experiment, and the same settings in two
+experiments (language_cpu and language_cpu_controls share their random runs) have two ids; compare them by config. A sweep restarted after a kill skips every finished run (success or
 diverged: both are results) and reruns failed or missing ones; a write is a rename, so a kill leaves no half file.
 
 Every record is strict JSON (a non-finite number is written as null and its place listed under ``non_finite``) and
@@ -44,7 +46,7 @@ IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads"
 
 
 def config_hash(config: dict) -> str:
-    """Short hash of the settings that determine a run's result (everything but seed and bookkeeping)."""
+    """Short hash of the run config but seed and bookkeeping (``IGNORED_FOR_HASH``); the experiment name is in it."""
     relevant = {k: v for k, v in config.items() if k not in IGNORED_FOR_HASH}
     if (relevant.get("protocol") or {}).get("name", "fixed") == "fixed":  # the default: records from before
         relevant.pop("protocol", None)  # protocols existed keep their ids

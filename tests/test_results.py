@@ -143,3 +143,13 @@ def test_load_gives_one_row_per_run_with_lr_metrics_and_summaries(tmp_path):
     assert (first["lr"], first["protocol"], second["lr"], second["protocol"]) == (5e-3, "fixed", 4e-2, "tuned")
     assert second["gsm8k/nll"] == 3.5 and first["init_seconds"] == 1.5 and first["mean_rank"] == 3.0
     assert first["adapted_layers"] == 2 and first["optimizer_steps"] == 31 and first["train_seconds"] == 20.0
+
+
+def test_the_experiment_name_is_in_the_hash_and_bookkeeping_is_not():
+    """results.py's docstring says so: one run config in two experiments has two ids; bookkeeping keys never move it."""
+    from eva_bench.results import IGNORED_FOR_HASH, config_hash
+
+    base = {"experiment_name": "a", "init": {"name": "eva"}, "seed": 0, "threads": 1, "save_adapter": False}
+    assert config_hash(base) != config_hash({**base, "experiment_name": "b"})
+    for key in IGNORED_FOR_HASH:
+        assert config_hash(base) == config_hash({**base, key: "anything"}), key

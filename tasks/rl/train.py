@@ -3,10 +3,10 @@
     python -m tasks.rl.train init=eva lora.r=8 seed=0 task.finetune=hammer-v3
     python -m tasks.rl.train -m experiment=rl_cpu      # the CPU default's sweep
 
-Reads top to bottom: skip if done -> (tuned protocol: choose the lr) -> seed -> build (the pretrained DT, cached; the
-task's expert data) -> initialize -> train -> evaluate by rollouts -> record. The pretrained checkpoint is built by
-the first run that needs it
-(tasks/rl/pretrain.py) and shared by every method, rank and seed.
+Reads top to bottom: skip if done -> (tuned protocol: choose the lr) -> build the pretrained DT -> seed -> the task's
+expert data -> initialize -> train -> evaluate by rollouts -> record. The pretrained checkpoint (tasks/rl/pretrain.py)
+is built by the first run that needs it, with its own seed, and shared by every method, rank and seed; the run seeds
+after loading it, so a run's numbers do not depend on whether it built the checkpoint or found it cached.
 """
 
 from __future__ import annotations
