@@ -40,7 +40,9 @@ $(FASHION_MNIST):
 test: $(STAMP) $(FASHION_MNIST)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-test-slow: $(STAMP) $(FASHION_MNIST) $(CHROMEDRIVER)  # the slow suite includes the report's browser test
+# the slow suite includes the report's browser test and a sweep on a real one-node SLURM (tests/test_slurm.py: it
+# starts one with cluster/slurm-single-node.sh, installing Debian's packages as root; skipped, saying why, elsewhere)
+test-slow: $(STAMP) $(FASHION_MNIST) $(CHROMEDRIVER)
 	$(PY) -m pytest -q -m slow
 
 # Reproduce: the experiment's sweep into a results root outside git ($(RUNS)), its tables there ($(RUNS)/tables/), then

@@ -68,7 +68,14 @@ write_conf() {  # write_conf <template> <target> <mode>: fill in this machine, r
     mv "$target.tmp" "$target"
 }
 
+running() {  # a whole cluster answers: controller up, accounting (sacct) up, the node usable
+    command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q "is UP" && sacct -n -X >/dev/null 2>&1 \
+        && sinfo -h -N -o %T 2>/dev/null | grep -qE "^(idle|mixed|allocated|completing)"
+}
+
 start() {
+    # a running cluster is reused as it is, without root (nothing is started, so `stop` will stop nothing)
+    if running; then say "reusing the running cluster"; sinfo; return 0; fi
     install
     mkdir -p "$STATE" "$RUN" "$CONF" /var/log/slurm /var/spool/slurmctld /var/spool/slurmd /run/munge /run/mysqld
     touch "$STATE/started"
