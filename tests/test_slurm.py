@@ -133,6 +133,15 @@ def _states(job: str) -> list[str]:
     return out.split()
 
 
+def _final_states(job: str) -> list[str]:
+    """The job's states once SLURM has ended it: the sweep returns when submitit reads the job's result, a moment
+    before the job ends and sacct records it."""
+    deadline = time.time() + 120
+    while (states := _states(job))[-1:] in (["RUNNING"], ["COMPLETING"], ["PENDING"]) and time.time() < deadline:
+        time.sleep(1)
+    return states
+
+
 def _records(tmp_path) -> dict:
     return {p.name: json.loads(p.read_text()) for p in sorted((tmp_path / NAME).glob("*.json"))}
 
@@ -181,7 +190,7 @@ def _on_slurm(tmp_path, partition):
     assert len(records) == 2 and {r["status"] for r in records.values()} == {"success"}, log[-4000:]
     jobs = _jobs(tmp_path, "first")
     assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1  # one array, two tasks
-    assert all(_states(job) == ["COMPLETED"] for job in jobs)
+    assert all(_final_states(job) == ["COMPLETED"] for job in jobs)
     table = tmp_path / "tables" / f"{NAME}.md"
     assert f"wrote {table}" in log and "eva" in table.read_text()
     assert "no reference:" in log
@@ -200,7 +209,7 @@ def _on_slurm(tmp_path, partition):
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, (one.stdout + one.stderr)[-4000:]
     assert "1 of 2 runs have a finished record: launching 1" in one.stdout + one.stderr
-    assert len(_jobs(tmp_path, "one")) == 1 and _states(_jobs(tmp_path, "one")[0]) == ["COMPLETED"]
+    assert len(_jobs(tmp_path, "one")) == 1 and _final_states(_jobs(tmp_path, "one")[0]) == ["COMPLETED"]
     again = _records(tmp_path)
     assert again[gone]["status"] == "success" and again[gone]["metrics"] == records[gone]["metrics"]
 
@@ -235,7 +244,7 @@ def _on_slurm(tmp_path, partition):
     assert requeued["status"] == uninterrupted["status"] == "success"
     assert requeued["metrics"] == uninterrupted["metrics"]  # restarted from the beginning: the same run
     assert requeued["train"]["final_loss"] == uninterrupted["train"]["final_loss"]
-    assert _states(job) == ["REQUEUED", "COMPLETED"]
+    assert _final_states(job) == ["REQUEUED", "COMPLETED"]
     job_log = "".join(p.read_text() for p in sorted((tmp_path / "preempt" / ".submitit").rglob("*_log.*")))
     assert "this job is preempted" in job_log and f"Requeued job {job}" in job_log
     assert job_log.index(f"failed: {path}") < job_log.index(f"success: {path}")  # interrupted, then rerun
