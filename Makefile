@@ -40,15 +40,21 @@ $(FASHION_MNIST):
 test: $(STAMP) $(FASHION_MNIST)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-test-slow: $(STAMP) $(FASHION_MNIST) $(CHROMEDRIVER)  # the slow suite includes the report's browser test
+# the slow suite includes the report's browser test and a sweep on a real one-node SLURM (tests/test_slurm.py: it
+# starts one with cluster/slurm-single-node.sh, installing Debian's packages as root; skipped, saying why, elsewhere)
+test-slow: $(STAMP) $(FASHION_MNIST) $(CHROMEDRIVER)
 	$(PY) -m pytest -q -m slow
 
 # Reproduce: the experiment's sweep into a results root outside git ($(RUNS)), its tables there ($(RUNS)/tables/), then
 # the comparison with the committed records of the same run ids (eva_bench/reproduce.py). A rerun launches only runs
 # without a finished record in $(RUNS); ARGS=force=true retrains them all. DRY_RUN=1 prints the plan (runs, ETA) and
 # launches nothing; STRICT=1 fails the target when a run or table cell differs from the committed one beyond 1e-5.
-# LAUNCH=slurm: submit the sweep as a SLURM array (PARTITION=<name> or $$EVA_BENCH_SLURM_PARTITION); LAUNCH=local: the
-# same submitit path on this machine; unset: the experiment's own launcher (CPU defaults: two joblib jobs)
+# LAUNCH=slurm: submit the sweep as a SLURM array (PARTITION=<name> or $$EVA_BENCH_SLURM_PARTITION); LAUNCH=slurm_cpu:
+# the same on a CPU-only partition (no GPU request, 1 CPU and 4 GB per run); LAUNCH=local: the same submitit path on
+# this machine; unset: the experiment's own launcher (CPU defaults: two joblib jobs).
+# A named sweep, ARGS='experiment_name=<name> ...', writes its records to $(RUNS)/<name>/: its tables and comparison
+# then read that folder (the last experiment_name= in ARGS wins, as on Hydra's command line); with no committed
+# results/<name>/, every run is "no reference".
 RUNS ?= $(or $(EVA_BENCH_RESULTS),runs)
 DRY_RUN ?=
 STRICT ?=
@@ -56,14 +62,20 @@ LAUNCH ?=
 PARTITION ?=
 LAUNCHER = $(if $(LAUNCH),hydra/launcher=$(LAUNCH)) $(if $(PARTITION),hydra.launcher.partition=$(PARTITION))
 
-# $(call reproduce,<recipe module>,<experiment>): sweep; then, unless a dry run, tables and comparison. Tables are
-# written even when a run failed (failed runs are recorded and left out of the means); the sweep's status wins.
+# the experiment_name given in ARGS, if any (the records' folder under $(RUNS))
+NAMED = $(lastword $(patsubst ++experiment_name=%,%,$(patsubst experiment_name=%,%,$(filter experiment_name=% \
+  ++experiment_name=%,$(ARGS)))))
+
+# $(call reproduce,<recipe module>,<experiment>): sweep; then, unless a dry run, tables and comparison of the folder
+# the records went to ($(NAMED) or the experiment). Tables are written even when a run failed (failed runs are
+# recorded and left out of the means); the sweep's status wins.
 define reproduce
 	$(PY) -m $(1) -m experiment=$(2) results_dir=$(RUNS) $(LAUNCHER) $(if $(DRY_RUN),hydra.sweeper.dry_run=true) \
 	  $(ARGS); status=$$?; \
 	if [ -z "$(DRY_RUN)" ]; then \
-	  $(PY) -m eva_bench.tables --results $(RUNS) --experiment $(2) && \
-	  $(PY) -m eva_bench.reproduce --experiment $(2) --fresh $(RUNS) $(if $(STRICT),--strict) || status=1; \
+	  $(PY) -m eva_bench.tables --results $(RUNS) --experiment $(or $(NAMED),$(2)) && \
+	  $(PY) -m eva_bench.reproduce --experiment $(or $(NAMED),$(2)) --fresh $(RUNS) $(if $(STRICT),--strict) \
+	  || status=1; \
 	fi; exit $$status
 endef
 

@@ -242,7 +242,8 @@ def summary(report: dict, limit: int = 8) -> str:
         + (f"; largest metric difference {largest[0]:.2g} ({largest[1]})" if largest[0] else ""),
     ]
     cells, signs = report["cells"], report["signs"]
-    worst_cell = max((c["abs_diff"] for c in cells), default=0.0)
+    # a cell on one side only has an infinite difference, which the JSON report holds as null
+    worst_cell = max((math.inf if c["abs_diff"] is None else c["abs_diff"] for c in cells), default=0.0)
     lines.append(f"table cells: {sum(c['agrees'] for c in cells)}/{len(cells)} within {tol:g} of committed"
                  + (f" (largest difference {worst_cell:.2g})" if worst_cell else ""))
     methods = sorted({s["method"] for s in signs})
@@ -304,6 +305,12 @@ def main(argv=None) -> int:
     if not (args.fresh / args.experiment).is_dir():
         print(f"no fresh records: {args.fresh / args.experiment} does not exist", file=sys.stderr)
         return 1
+    if not (args.reference / args.experiment).is_dir():  # a named sweep (experiment_name=...) nobody committed
+        fresh = record_files(args.fresh, args.experiment)
+        print(f"no reference: {args.reference / args.experiment} does not exist, so the {len(fresh)} fresh records in "
+              f"{args.fresh / args.experiment} are not compared (make promote EXPERIMENT={args.experiment} would make "
+              "them the reference)")
+        return 1 if args.strict else 0
     report = compare(args.experiment, args.fresh, args.reference, args.tolerance)
     path = args.fresh / f"{args.experiment}.reproduce.json"
     write_record(path, report)

@@ -43,6 +43,7 @@ def test_slurm_sweep_without_a_partition_fails_before_submitting(tmp_path):
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0 and "EVA_BENCH_SLURM_PARTITION" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one line says what to set (hydra_plugins/eva_bench_sweeper)
     assert not list(tmp_path.rglob("*.json")) and not (tmp_path / "multirun" / ".submitit").exists()
 
 

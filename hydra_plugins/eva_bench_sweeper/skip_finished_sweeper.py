@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -28,7 +30,9 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
+from hydra.errors import CompactHydraException
 from omegaconf import open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ class SkipFinishedSweeper(BasicSweeper):
         self.watcher: ProgressWatcher | None = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
+        if is_slurm(config.hydra.launcher):  # before super().setup instantiates the launcher (resolving partition)
+            check_partition(config.hydra.launcher)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         recipe = sys.modules[task_function.__module__]
         self.context = getattr(recipe, "context", None)
@@ -52,8 +58,15 @@ class SkipFinishedSweeper(BasicSweeper):
                             "`context(cfg)` returning its run's RunContext (see tasks/language/train.py)")
 
     def sweep(self, arguments: list[str]) -> Any:
+        slurm = is_slurm(self.config.hydra.launcher)
         try:
             return super().sweep(arguments)
+        except Exception as error:
+            # sbatch's refusal (a partition, gres or memory request the cluster cannot give) arrives as submitit's
+            # FailedJobError under ~40 lines of traceback; its "sbatch: error:" lines are what the user must read
+            if slurm and type(error).__name__ == "FailedJobError":
+                raise SlurmError(f"sbatch refused the sweep: {sbatch_error(str(error))}") from error
+            raise
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
@@ -130,6 +143,44 @@ class SkipFinishedSweeper(BasicSweeper):
         if "LocalLauncher" in self._launcher_name():
             return runs
         return 1
+
+
+class SlurmError(CompactHydraException):
+    """A SLURM sweep that cannot be submitted: Hydra prints its message alone, without a traceback."""
+
+
+def is_slurm(launcher) -> bool:
+    return str(launcher.get("_target_", "")).endswith(".SlurmLauncher")
+
+
+def check_partition(launcher) -> None:
+    """Stop a SLURM sweep before any run is composed or submitted when its partition is unset or, where ``sinfo``
+    is installed, not one of the cluster's partitions (SLURM accepts a comma-separated list: each is checked)."""
+    try:
+        partition = launcher.partition
+    except InterpolationResolutionError:  # slurm.yaml's default, ${oc.env:EVA_BENCH_SLURM_PARTITION}, is unset
+        partition = None
+    if not partition:
+        raise SlurmError("hydra/launcher=slurm needs a partition: hydra.launcher.partition=<name> (make: "
+                         "PARTITION=<name>) or EVA_BENCH_SLURM_PARTITION; nothing was submitted")
+    if shutil.which("sinfo") is None:
+        return  # not on a SLURM machine: sbatch's own refusal is shortened in sweep()
+    answer = subprocess.run(["sinfo", "--noheader", "--format=%R"], capture_output=True, text=True, timeout=60)
+    if answer.returncode != 0:
+        raise SlurmError(f"sinfo failed, so the partition {partition!r} could not be checked: "
+                         f"{sbatch_error(answer.stderr) or 'exit ' + str(answer.returncode)}; nothing was submitted")
+    known = sorted(set(answer.stdout.split()))
+    unknown = [name for name in str(partition).split(",") if name not in known]
+    if unknown:
+        raise SlurmError(f"SLURM partition {', '.join(map(repr, unknown))} does not exist on this cluster (sinfo "
+                         f"lists: {', '.join(known) or 'none'}); nothing was submitted")
+
+
+def sbatch_error(stderr: str) -> str:
+    """The line that says why a SLURM command refused: its last "error:" line, else its last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or [""])[-1]
 
 
 def plan_seconds(contexts: list, reference: Path) -> dict:
