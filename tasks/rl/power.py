@@ -1,0 +1,119 @@
+"""How many seeds and evaluation episodes an RL comparison needs, from the noise in committed records.
+
+    python -m tasks.rl.power --experiment rl_cpu [--delta 0.1] [--half-width 0.05]
+
+A run's success rate is the mean of its evaluation episodes (goal variations). Over a cell's seeds (one task, init
+and rank) it varies for two reasons: the seed (init, data order, calibration) and the episodes. The episode part of
+a run's variance is at most p(1 - p) / episodes (independent episodes); the rest is the seed's. The tables compare
+the mean success over the held-out tasks, so both parts are pooled over tasks. The model and its two bounds are
+written out in docs/rl-power.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from eva_bench import results
+
+METRIC = "rollout/success_rate"
+
+
+def cell_noise(runs: pd.DataFrame, episodes: int) -> pd.DataFrame:
+    """Per task, init and rank: mean success p, the variance over seeds, its binomial episode part at ``episodes``
+    and the seed part left (never below 0)."""
+    cells = runs.groupby(["task", "init", "rank"])[METRIC].agg(p="mean", seed_var="var", seeds="count").reset_index()
+    cells["episode_var"] = cells.p * (1 - cells.p) / episodes
+    cells["seed_part"] = (cells.seed_var - cells.episode_var).clip(lower=0)
+    return cells
+
+
+def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per rank, pair of inits and seed: the difference of their mean success over the held-out tasks."""
+    per_seed = runs.groupby(["rank", "init", "seed"])[METRIC].mean().unstack("init")
+    rows = []
+    for a, b in itertools.combinations(sorted(per_seed.columns), 2):
+        diff = (per_seed[a] - per_seed[b]).dropna()
+        rows += [{"rank": rank, "pair": f"{a} - {b}", "seed": seed, "difference": d}
+                 for (rank, seed), d in diff.items()]
+    return pd.DataFrame(rows)
+
+
+def half_width(variance: float, seeds: int) -> float:
+    """95 % Student-t half-width of a mean over ``seeds`` values of this variance."""
+    return stats.t.ppf(0.975, seeds - 1) * math.sqrt(variance / seeds)
+
+
+def power(delta: float, variance: float, seeds: int) -> float:
+    """Power of a two-sided paired t-test at 5 % to find a true difference ``delta`` over ``seeds`` pairs."""
+    if variance <= 0:
+        return 1.0
+    df, ncp = seeds - 1, delta / math.sqrt(variance / seeds)
+    crit = stats.t.ppf(0.975, df)
+    found = float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    return 1.0 if math.isnan(found) and ncp > crit else found  # scipy's nct gives NaN far out in the tail
+
+
+def analyse(experiment: str, delta: float, target: float, seeds_grid, episodes_grid) -> str:
+    runs = results.load(experiment)
+    runs = runs[runs.status == "success"]
+    episodes = int(runs["rollout/n"].iloc[0])
+    tasks = sorted(runs.task.unique())
+    cells = cell_noise(runs, episodes)
+    lines = [f"## {experiment}: {len(runs)} runs, {len(tasks)} held-out tasks, {episodes} episodes per run", "",
+             "| task | success (min-max over cells) | SD over seeds | of which episodes (binomial) | seeds |",
+             "|---|---|---|---|---|"]
+    for task, group in cells.groupby("task"):
+        lines.append(f"| {task} | {group.p.min():.2f}-{group.p.max():.2f} | {math.sqrt(group.seed_var.mean()):.3f} "
+                     f"| {math.sqrt(group.episode_var.mean()):.3f} | {int(group.seeds.max())} |")
+
+    # a method's mean over tasks: per-task variances add, divided by T^2
+    t2 = len(tasks) ** 2
+    by_task = cells.groupby("task")[["seed_part", "p"]].mean()
+    seed_var = float(by_task.seed_part.sum() / t2)
+    bernoulli = float((by_task.p * (1 - by_task.p)).sum() / t2)  # times 1/episodes
+
+    # a paired difference of two methods: observed at `episodes`; bound 1 keeps all of it as seed noise (it never
+    # shrinks with more episodes), bound 2 takes the binomial part of both methods out first (independent episodes)
+    diffs = paired_differences(runs)
+    observed = float(diffs.groupby(["rank", "pair"]).difference.var().mean())
+    episode_part = 2 * bernoulli / episodes
+    seed_only = max(observed - episode_part, 0.0)
+    lines += ["", f"Mean success over the {len(tasks)} tasks: seed variance {seed_var:.4f}, episode variance "
+              f"{bernoulli:.3f} / episodes. Paired differences of two inits (per rank, same seeds): observed "
+              f"variance {observed:.4f} at {episodes} episodes ({len(diffs)} differences, "
+              f"{diffs.groupby(['rank', 'pair']).ngroups} pairs x ranks), of which at most {episode_part:.4f} "
+              f"from episodes.", "",
+              f"| seeds | episodes | 95 % half-width of a method's mean | power for a difference of {delta} "
+              f"(all seed noise - independent episodes) |", "|---|---|---|---|"]
+    for s, e in itertools.product(seeds_grid, episodes_grid):
+        width = half_width(seed_var + bernoulli / e, s)
+        low = power(delta, observed, s)  # nothing gained from more episodes
+        high = power(delta, seed_only + 2 * bernoulli / e, s)
+        mark = " ✓" if width <= target and low >= 0.8 else ""
+        lines.append(f"| {s} | {e} | {width:.3f}{mark} | {low:.2f} - {high:.2f} |")
+    lines += ["", f"✓: half-width ≤ {target} and power ≥ 0.8 even if every bit of the observed difference noise is "
+              f"seed noise."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", action="append", help="committed RL experiment(s) (default: rl_cpu)")
+    parser.add_argument("--delta", type=float, default=0.1, help="difference in mean success to detect")
+    parser.add_argument("--half-width", type=float, default=0.05, help="largest 95 %% half-width wanted")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3, 5, 10, 20, 30])
+    parser.add_argument("--episodes", type=int, nargs="+", default=[10, 20, 50])
+    args = parser.parse_args()
+    for name in args.experiment or ["rl_cpu"]:
+        print(analyse(name, args.delta, args.half_width, args.seeds, args.episodes), end="\n\n")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,27 @@
+"""The RL power analysis (tasks/rl/power.py): its formulas against simulation, and its table on committed records."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tasks.rl import power
+
+
+@pytest.mark.parametrize("delta,variance,seeds", [(0.1, 0.0092, 10), (0.1, 0.0092, 5), (0.05, 0.002, 8)])
+def test_power_matches_simulated_paired_t_tests(delta, variance, seeds):
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(delta, np.sqrt(variance), size=(20_000, seeds))
+    rejected = stats.ttest_1samp(diffs, 0.0, axis=1).pvalue < 0.05
+    assert power.power(delta, variance, seeds) == pytest.approx(rejected.mean(), abs=0.015)
+
+
+def test_half_width_is_the_student_t_interval():
+    values = np.array([0.2, 0.5, 0.3, 0.4])
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert power.half_width(values.var(ddof=1), len(values)) == pytest.approx((high - low) / 2)
+
+
+def test_the_analysis_of_the_committed_rl_cpu_records():
+    text = power.analyse("rl_cpu", delta=0.1, target=0.05, seeds_grid=[3, 10], episodes_grid=[10])
+    assert "72 runs, 3 held-out tasks, 10 episodes per run" in text
+    assert "| 3 | 10 |" in text and "| 10 | 10 |" in text and "nan" not in text
