@@ -35,7 +35,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from . import assets, distributed, locks, results
-from .checks import check_config
+from .checks import ConfigError, check_config, domain_problem
 from .tracking import make_tracker
 
 
@@ -56,10 +56,9 @@ def check_domain(cfg: DictConfig, domain: str) -> None:
     """Every task module composes options from the same config groups; a ``model``/``task`` option of another
     module (its ``domain:`` key; none means language) is a clear error before any work, not a crash later."""
     for group in ("model", "task"):
-        found = cfg[group].get("domain", "language")
-        if found != domain:
-            raise ValueError(f"{group}={cfg[group].get('name')!r} is a {found} option; the {domain} recipe needs a "
-                             f"{domain} {group} (conf/{group}/ files with `domain: {domain}`)")
+        problem = domain_problem(cfg, group, domain)  # names the option typed and lists the ones that fit
+        if problem:
+            raise ConfigError(problem + " (nothing was run)")
 
 
 def initialize_from_config(model, cfg: DictConfig, calibration):

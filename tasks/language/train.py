@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench import protocol
+from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
 from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -169,4 +170,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line()  # a misspelt key exits with its close match before Hydra composes (eva_bench/checks.py)
     main()

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.artifacts import dataset_content_hash
+from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
 from eva_bench.recipe import RunContext, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -120,4 +121,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line()  # a misspelt key exits with its close match before Hydra composes (eva_bench/checks.py)
     main()
