@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
             causal_lm_loss,
             OptimConfig(**cfg.optim),
             steps_per_epoch=len(features) // batch_size,
-            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+            on_log=record.log_train,  # loss, lr and gradient norm to the tracker
         )
         record.train(result)
         if result.status == "diverged":

@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
             OptimConfig(**cfg.optim),
             steps_per_epoch=cfg.data.steps,
             batch_size=lambda b: len(b["states"]),
-            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+            on_log=record.log_train,  # loss, lr and gradient norm to the tracker
         )
         record.train(result)
         if result.status == "diverged":

@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
             OptimConfig(**cfg.optim),
             steps_per_epoch=len(train_idx) // batch_size,
             batch_size=lambda b: len(b["labels"]),
-            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+            on_log=record.log_train,  # loss, lr and gradient norm to the tracker
         )
         record.train(result)
         if result.status == "diverged":
