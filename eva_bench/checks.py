@@ -109,19 +109,36 @@ ANY = None  # _extra_keys' answer for a node whose callable takes **kwargs: ever
 
 
 @functools.lru_cache(maxsize=None)
-def known_keys() -> frozenset[str]:
-    """Every dotted key some file under conf/ defines, where Hydra puts it: the primary configs' keys at the root,
-    a group's options under the group's name, ``# @package _global_`` files (the experiments) at the root."""
+def known_keys(domain: str | None = None) -> frozenset[str]:
+    """Every dotted key some file under conf/ defines, where Hydra puts it: the primary config's keys at the root
+    (``conf/<domain>.yaml``'s only, so the RL recipe's ``data.steps`` is unknown to vision; every primary's when
+    ``domain`` is None), a group's options under the group's name, ``# @package _global_`` files (the
+    experiments) at the root."""
     keys: set[str] = set()
     for path in sorted(CONF.rglob("*.yaml")):
         group = path.parent.relative_to(CONF).as_posix()
-        if group.split("/")[0] in SKIPPED:
+        if group.split("/")[0] in SKIPPED or (group == "." and domain and path.stem != domain):
             continue
+        if group == "experiment" and domain and _experiment_domain(path.stem) not in (domain, None):
+            continue  # another recipe's experiment: its keys (RL's data.steps) are not this recipe's
         node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         node.pop("defaults", None)
         is_global = group == "." or "# @package _global_" in path.read_text().splitlines()[:3]
         _collect(node, "" if is_global else group.replace("/", "."), keys)
     return frozenset(keys)
+
+
+def _experiment_domain(stem: str) -> str | None:
+    """The recipe an experiment is for: that of the model or task option its defaults choose, or of the experiment
+    it extends; None when it chooses neither."""
+    for entry in OmegaConf.load(CONF / "experiment" / f"{stem}.yaml").get("defaults") or []:
+        if isinstance(entry, str) and (CONF / "experiment" / f"{entry}.yaml").exists():
+            return _experiment_domain(entry)
+        for key, option in (entry.items() if not isinstance(entry, str) else ()):
+            group = key.removeprefix("override ").strip("/")
+            if group in ("model", "task") and option in group_options(group):
+                return domain_of(group_options(group)[option])
+    return None
 
 
 def _collect(node, prefix: str, into: set) -> None:
@@ -134,7 +151,8 @@ def _collect(node, prefix: str, into: set) -> None:
 
 def unknown_keys(config: dict) -> list[tuple[str, list[str]]]:
     """(key, the valid keys beside it) for every key of ``config`` that nothing defines (module docstring)."""
-    known = known_keys()
+    domain = (config.get("model") or {}).get("domain", "language")  # as recipe.check_domain, which runs first
+    known = known_keys(domain if (CONF / f"{domain}.yaml").exists() else None)
     out: list[tuple[str, list[str]]] = []
 
     def walk(node: dict, prefix: str) -> None:
@@ -207,11 +225,11 @@ def _did_you_mean(key: str, valid: list[str]) -> str:
     return f" (valid here: {', '.join(valid)})" if 0 < len(valid) <= 12 else ""
 
 
-def check_command_line(args: list[str] | None = None) -> None:
-    """Before Hydra composes a recipe's config: a plain override of a key nothing defines (``lora.rank=4``) exits
-    with the close match, where Hydra would advise appending it with ``+`` (which then fails on the same key).
-    Only keys that are invalid under every option are named here; anything else is left to Hydra and
-    ``check_config``."""
+def check_command_line(domain: str | None = None, args: list[str] | None = None) -> None:
+    """Before Hydra composes a ``domain`` recipe's config (``conf/<domain>.yaml``): a plain override of a key
+    nothing defines (``lora.rank=4``) exits with the close match, where Hydra would advise appending it with ``+``
+    (which then fails on the same key). Only keys invalid under every option are named here; anything else is
+    left to Hydra and ``check_config``."""
     from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -220,7 +238,7 @@ def check_command_line(args: list[str] | None = None) -> None:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
     except (SystemExit, Exception):  # noqa: BLE001 - a command line Hydra cannot read: Hydra says why
         return
-    known, messages = known_keys(), []
+    known, messages = known_keys(domain), []
     for override in overrides:
         key = override.key_or_group
         plain = not (override.is_add() or override.is_force_add() or override.is_delete() or override.package)

@@ -93,6 +93,13 @@ def test_keys_defined_elsewhere_pass(override):
     assert problems(composed("language", ["init=eva", override])) == []
 
 
+def test_another_recipes_key_is_unknown():
+    """data.steps is the RL recipe's (conf/rl.yaml): on the vision recipe it would be ignored, so it is an error."""
+    assert problems(composed("rl", ["data.steps=5"])) == []
+    assert problems(composed("vision", ["+data.steps=5"])) == [
+        "unknown key data.steps (valid here: batch_size, eval_batch_size)"]
+
+
 def test_a_misspelt_key_on_the_command_line_gets_the_close_match(tmp_path):
     """Without ``+`` Hydra would refuse the key and advise appending it; the recipe answers first."""
     cmd = [sys.executable, "-m", "tasks.language.train", "lora.rank=4", f"results_dir={tmp_path}/runs"]
@@ -105,11 +112,11 @@ def test_a_misspelt_key_on_the_command_line_gets_the_close_match(tmp_path):
 def test_check_command_line_leaves_valid_and_appended_keys_to_hydra(capsys):
     from eva_bench.checks import check_command_line
 
-    check_command_line(["-m", "experiment=language_cpu", "lora.r=2,8", "init=eva", "init.params.rho=1",
-                        "+lora.bias=all", "hydra/launcher=local", "hydra.sweeper.dry_run=true",
-                        "model.load.revision=main", "model=hf", "protocol=tuned"])
+    check_command_line("language", ["-m", "experiment=language_cpu", "lora.r=2,8", "init=eva", "init.params.rho=1",
+                                    "+lora.bias=all", "hydra/launcher=local", "hydra.sweeper.dry_run=true",
+                                    "model.load.revision=main", "model=hf", "protocol=tuned"])
     with pytest.raises(SystemExit):
-        check_command_line(["optim.lrr=1", "seeed=2"])
+        check_command_line("language", ["optim.lrr=1", "seeed=2"])
     assert capsys.readouterr().err.splitlines()[:2] == ["unknown key optim.lrr: did you mean optim.lr?",
                                                         "unknown key seeed: did you mean seed?"]
 

@@ -121,5 +121,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line()  # a misspelt key exits with its close match before Hydra composes (eva_bench/checks.py)
+    check_command_line("rl")  # a misspelt key: its close match, before Hydra composes (eva_bench/checks.py)
     main()

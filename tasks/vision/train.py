@@ -123,5 +123,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line()  # a misspelt key exits with its close match before Hydra composes (eva_bench/checks.py)
+    check_command_line("vision")  # a misspelt key: its close match, before Hydra composes (eva_bench/checks.py)
     main()
