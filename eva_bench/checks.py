@@ -110,15 +110,15 @@ ANY = None  # _extra_keys' answer for a node whose callable takes **kwargs: ever
 
 @functools.lru_cache(maxsize=None)
 def known_keys(domain: str | None = None) -> frozenset[str]:
-    """Every dotted key some file under conf/ defines, where Hydra puts it: the primary config's keys at the root
-    (``conf/<domain>.yaml``'s only, so the RL recipe's ``data.steps`` is unknown to vision; every primary's when
-    ``domain`` is None), a group's options under the group's name, ``# @package _global_`` files (the
-    experiments) at the root."""
+    """Every dotted key some file under conf/ defines, where Hydra puts it: the primary configs' keys at the root
+    (only ``conf/<domain>.yaml``'s and those of primaries built on it, so the RL recipe's ``data.steps`` is unknown
+    to vision; every primary's when ``domain`` is None), a group's options under the group's name, ``# @package
+    _global_`` files (the experiments, the ``domain``'s only) at the root."""
     keys: set[str] = set()
     for path in sorted(CONF.rglob("*.yaml")):
         group = path.parent.relative_to(CONF).as_posix()
-        if group.split("/")[0] in SKIPPED or (group == "." and domain and path.stem != domain):
-            continue
+        if group.split("/")[0] in SKIPPED or (group == "." and domain and not _extends(path, domain)):
+            continue  # Hydra's own, or another recipe's primary config
         if group == "experiment" and domain and _experiment_domain(path.stem) not in (domain, None):
             continue  # another recipe's experiment: its keys (RL's data.steps) are not this recipe's
         node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
@@ -126,6 +126,12 @@ def known_keys(domain: str | None = None) -> frozenset[str]:
         is_global = group == "." or "# @package _global_" in path.read_text().splitlines()[:3]
         _collect(node, "" if is_global else group.replace("/", "."), keys)
     return frozenset(keys)
+
+
+def _extends(primary: Path, domain: str) -> bool:
+    """Whether a primary config is ``domain``'s or builds on it (language_score.yaml: ``defaults: [language]``)."""
+    defaults = OmegaConf.load(primary).get("defaults") or []
+    return primary.stem == domain or domain in [entry for entry in defaults if isinstance(entry, str)]
 
 
 def _experiment_domain(stem: str) -> str | None:
@@ -259,7 +265,8 @@ def _valid_somewhere(key: str, known) -> bool:
     if parent == "init.params":  # a parameter of any init method
         from .init import INITS
 
-        return any(name in inspect.signature(m.apply).parameters for m in INITS.values())
+        return any(p.name == name and p.kind is p.KEYWORD_ONLY
+                   for m in INITS.values() for p in inspect.signature(m.apply).parameters.values())
     return parent == "lora" and name in _extra_keys("lora", {}, {})
 
 
