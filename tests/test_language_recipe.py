@@ -134,11 +134,15 @@ def test_wandb_logger_runs_offline_and_a_wandb_failure_never_kills_a_run(tmp_pat
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    wandb.teardown()  # W&B reads WANDB_DIR once per process: an earlier test's setup would keep its directory
     record = run(compose_run(tmp_path, "logger=wandb", "task=math"))
     assert record["status"] == "success"
-    assert list((tmp_path / "wandb").glob("offline-run-*"))  # logged offline, syncable later
-
-    import wandb
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")  # logged offline, syncable later
+    logged = wandb_offline_run(offline)
+    assert (logged["run"].run_group, logged["run"].job_type) == ("dev", "train")
+    assert {"init:random", "protocol:fixed", "seed:0"} <= set(logged["run"].tags)
 
     def broken(*args, **kwargs):
         raise RuntimeError("W&B is down")
