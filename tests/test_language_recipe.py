@@ -139,6 +139,7 @@ def test_wandb_logger_runs_offline_and_a_wandb_failure_never_kills_a_run(tmp_pat
     wandb.teardown()  # W&B reads WANDB_DIR once per process: an earlier test's setup would keep its directory
     record = run(compose_run(tmp_path, "logger=wandb", "task=math"))
     assert record["status"] == "success"
+    wandb.teardown()  # run.finish() can return before W&B's service has written the run's file; this waits for it
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")  # logged offline, syncable later
     logged = wandb_offline_run(offline)
     assert (logged["run"].run_group, logged["run"].job_type) == ("dev", "train")
@@ -206,6 +207,7 @@ def test_wandb_run_has_tags_job_type_step_logs_and_the_ranks_table(tmp_path, mon
                              "protocol=tuned", "protocol.validation_size=8", "protocol.lr_grid=[5e-3]",
                              "experiment_name=wb"))
     assert record["status"] == "success"
+    wandb.teardown()  # run.finish() can return before W&B's service has written the run's file; this waits for it
     runs = {r["run"].display_name: (r, d) for d in (tmp_path / "wandb").glob("offline-run-*")
             for r in [wandb_offline_run(d)]}
     final, final_dir = runs[Path(record_path_of(tmp_path, "wb")).stem]
