@@ -30,6 +30,7 @@ from omegaconf import DictConfig, open_dict
 from .locks import exclusive_for_job
 
 VALIDATION_METRIC = "validation/nll"  # the default selection metric: NLL on the validation split; lower is better
+LR_SEARCH = "lr_search"  # selection runs' folder under the experiment's, and their W&B job type
 
 
 def is_tuned(cfg: DictConfig) -> bool:
@@ -83,7 +84,7 @@ def selection_config(cfg: DictConfig, lr: float) -> DictConfig:
         sel.protocol.lr_grid = None
         sel.optim.lr = float(lr)
         sel.seed = cfg.protocol.selection_seed
-        sel.experiment_name = f"{cfg.experiment_name}/lr_search"
+        sel.experiment_name = f"{cfg.experiment_name}/{LR_SEARCH}"
         sel.force = False  # force reruns the final run, not a finished selection
     return sel
 
@@ -123,7 +124,7 @@ def select_lr(cfg: DictConfig, run: Callable[[DictConfig], dict], lock: Path | N
 def lock_path(record_path: Path, run: dict) -> Path:
     """The selection lock of a final run's method x rank: its record id without the seed, under lr_search/."""
     name = f"{run['task']}--{run['model']}--{run['init']}--r{run['rank']}--{run['config_hash']}.lock"
-    return Path(record_path).parent / "lr_search" / name
+    return Path(record_path).parent / LR_SEARCH / name
 
 
 def prepare(cfg: DictConfig, ctx, run: Callable[[DictConfig], dict],
@@ -146,6 +147,6 @@ def with_lr(cfg: DictConfig, lr: float) -> DictConfig:
 
 
 __all__ = [
-    "VALIDATION_METRIC", "check", "is_tuned", "lock_path", "prepare", "select_lr", "selection_config", "split", "stage",
-    "with_lr",
+    "LR_SEARCH", "VALIDATION_METRIC", "check", "is_tuned", "lock_path", "prepare", "select_lr", "selection_config",
+    "split", "stage", "with_lr",
 ]

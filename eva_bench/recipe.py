@@ -35,8 +35,8 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from . import assets, distributed, locks, results
-from .checks import check_config
-from .tracking import make_tracker
+from .checks import ConfigError, check_config, domain_problem
+from .tracking import labels, make_tracker
 
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,9 @@ def check_domain(cfg: DictConfig, domain: str) -> None:
     """Every task module composes options from the same config groups; a ``model``/``task`` option of another
     module (its ``domain:`` key; none means language) is a clear error before any work, not a crash later."""
     for group in ("model", "task"):
-        found = cfg[group].get("domain", "language")
-        if found != domain:
-            raise ValueError(f"{group}={cfg[group].get('name')!r} is a {found} option; the {domain} recipe needs a "
-                             f"{domain} {group} (conf/{group}/ files with `domain: {domain}`)")
+        problem = domain_problem(cfg, group, domain)  # names the option typed and lists the ones that fit
+        if problem:
+            raise ConfigError(problem + " (nothing was run)")
 
 
 def initialize_from_config(model, cfg: DictConfig, calibration):
@@ -185,7 +184,8 @@ class RunContext:
         leader = distributed.rank() == 0  # the other ranks of a torchrun job neither lock, log nor write
         logger = dict(self.config.get("logger") or {}) if leader else {}
         kind = logger.pop("kind", "none")
-        tracker = make_tracker(kind, group=self.run["experiment"], name=self.path.stem, config=self.config, **logger)
+        grouping = labels(self.run, self.config, logger.pop("tags", ()))  # W&B's group, job type and tags
+        tracker = make_tracker(kind, name=self.path.stem, config=self.config, **grouping, **logger)
         set_threads(self.config.get("threads"))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -213,6 +213,10 @@ class Recorder:
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log(metrics, step)
 
+    def log_train(self, step: int, loss: float, details: dict) -> None:
+        """``fit``'s ``on_log``: the loss since the last log line, the step's lr and gradient norm."""
+        self.tracker.log({"train/loss": loss, **{f"train/{k}": v for k, v in details.items()}}, step)
+
     def init(self, report) -> None:
         ranks = [r for r in (report.ranks or {}).values() if isinstance(r, (int, float))]
         shape = f"ranks {min(ranks)}/{sum(ranks) / len(ranks):.1f}/{max(ranks)} (min/mean/max) over {len(ranks)} layers" \
@@ -221,7 +225,14 @@ class Recorder:
                  f"{report.seconds:.1f} s")
         self.body["init_report"] = report.to_dict()
         self.body["trainable_parameters"] = report.trainable_parameters
-        self.tracker.summary({"init": report.to_dict()})
+        # the per-layer detail as a table, a few numbers of it in the summary (the report has a leaf per layer)
+        explained = (report.details or {}).get("explained_variance") or {}
+        rows = [[layer, rank, (report.scalings or {}).get(layer), explained.get(layer)]
+                for layer, rank in (report.ranks or {}).items()]
+        self.tracker.table("init/layers", ["layer", "rank", "scaling", "explained_variance"], rows)
+        self.tracker.summary({"init/method": report.method, "init/seconds": report.seconds,
+                              **({"init/rank_min": min(ranks), "init/rank_mean": sum(ranks) / len(ranks),
+                                  "init/rank_max": max(ranks)} if ranks else {})})
 
     def protocol(self, selection: dict | None) -> None:
         """The tuned protocol's lr selection (grid scores, chosen lr); nothing under the fixed protocol."""
@@ -236,7 +247,8 @@ class Recorder:
 
     def metrics(self, metrics: dict) -> None:
         self.body["metrics"] = metrics
-        self.tracker.log({f"eval/{k}": v for k, v in metrics.items()})
+        steps = (self.body.get("train") or {}).get("optimizer_steps")  # beside the last training step's row
+        self.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, steps)  # W&B's summary takes them from here
 
     def finish(self, status: str, error: str | None = None) -> dict:
         status, error = self._earned(status, error)
@@ -256,7 +268,7 @@ class Recorder:
             "finished_at": results.now(),
         }
         results.write_record(self.ctx.path, record)
-        self.tracker.summary({"status": status, **record["metrics"]})
+        self.tracker.summary({"status": status})  # the metrics are there already, logged once as eval/<name>
         self.tracker.finish(status)
         rounded = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items())
         log.info(f"{status}: {self.ctx.path}" + (f"\n  {rounded}" if rounded else ""))

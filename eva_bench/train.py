@@ -85,13 +85,15 @@ def fit(
     *,
     steps_per_epoch: int,
     batch_size: Callable[[Any], int] = lambda batch: len(batch["input_ids"]),
-    on_log: Callable[[int, float], None] | None = None,
+    on_log: Callable[[int, float, dict], None] | None = None,
 ) -> FitResult:
     """Train the trainable parameters of ``model``.
 
     ``batches(epoch)`` yields that epoch's batches (the task decides shuffling, seeded by epoch);
     ``steps_per_epoch`` is the number of batches per epoch, so the schedule is known up front. Batches may live on
-    the CPU: each is moved to the trainable parameters' device as it is used.
+    the CPU: each is moved to the trainable parameters' device as it is used. Every ``log_every`` optimizer steps
+    ``on_log(step, mean loss since the last call, {"lr": the step's lr, "grad_norm": its norm before clipping})``
+    (no ``grad_norm`` when clipping is off: the norm is not computed then).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -142,12 +144,15 @@ def fit(
                         raise Diverged(f"loss is {mean} at step {result.optimizer_steps}")
                     result.curve.append((result.optimizer_steps, mean))
                     result.final_loss = mean
+                    details = {"lr": lr}
+                    if optim.max_grad_norm is not None:  # read back only on logged steps, as the loss
+                        details["grad_norm"] = float(norm)
                     if on_log is not None:
-                        on_log(result.optimizer_steps, mean)
+                        on_log(result.optimizer_steps, mean, details)
                     if distributed.rank() == 0:
                         elapsed = time.perf_counter() - start
                         left = elapsed / result.optimizer_steps * (total_steps - result.optimizer_steps)
-                        clipped = f"  grad-norm {float(norm):.3g}" if optim.max_grad_norm is not None else ""
+                        clipped = f"  grad-norm {details['grad_norm']:.3g}" if "grad_norm" in details else ""
                         log.info(f"step {result.optimizer_steps}/{total_steps}  loss {mean:.4f}  lr {lr:.2e}{clipped}"
                                  f"  {elapsed:.0f} s, ETA {left:.0f} s")
                     running, running_n = 0.0, 0

@@ -61,3 +61,74 @@ def test_a_sweep_with_one_bad_value_launches_nothing(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "seed=1.5: must be an integer >= 0" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+lora.rank=4", "unknown key lora.rank: did you mean lora.r?"),  # rank: too short for difflib, r starts it
+    ("+lora.lora_alpha=2", "unknown key lora.lora_alpha: did you mean lora.alpha?"),  # PEFT's name, ours differs
+    ("+optim.lrr=1e-3", "unknown key optim.lrr: did you mean optim.lr?"),
+    ("+seeed=1", "unknown key seeed: did you mean seed?"),
+])
+def test_an_unknown_key_fails_with_its_close_match_before_any_record(tmp_path, override, message):
+    from tasks.language.train import run
+
+    with pytest.raises(ConfigError, match="nothing was run") as error:
+        run(composed("language", [override, f"results_dir={tmp_path}"]))
+    assert message in str(error.value)
+    assert not any(tmp_path.iterdir())  # no record, no lock
+
+
+def test_an_init_parameter_is_checked_against_the_chosen_method():
+    assert problems(composed("language", ["init=eva", "+init.params.rhoo=1"])) == [
+        "unknown key init.params.rhoo: did you mean init.params.rho?"]
+    assert problems(composed("language", ["init=random", "+init.params.rho=1"]))  # EVA's, not random's
+
+
+@pytest.mark.parametrize("override", [
+    "+model.gradient_checkpointing=true",  # defined by the 7B model configs
+    "+lora.bias=all",  # a LoraConfig option the recipe passes through
+    "+init.params.max_batches=2",  # with init=eva below: one of its parameters
+])
+def test_keys_defined_elsewhere_pass(override):
+    assert problems(composed("language", ["init=eva", override])) == []
+
+
+def test_another_recipes_key_is_unknown():
+    """data.steps is the RL recipe's (conf/rl.yaml): on the vision recipe it would be ignored, so it is an error."""
+    assert problems(composed("rl", ["data.steps=5"])) == []
+    assert problems(composed("vision", ["+data.steps=5"])) == [
+        "unknown key data.steps (valid here: batch_size, eval_batch_size)"]
+
+
+def test_a_misspelt_key_on_the_command_line_gets_the_close_match(tmp_path):
+    """Without ``+`` Hydra would refuse the key and advise appending it; the recipe answers first."""
+    cmd = [sys.executable, "-m", "tasks.language.train", "lora.rank=4", f"results_dir={tmp_path}/runs"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "unknown key lora.rank: did you mean lora.r?" in done.stderr and "+lora.rank" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_command_line_leaves_valid_and_appended_keys_to_hydra(capsys):
+    from eva_bench.checks import check_command_line
+
+    check_command_line("language", ["-m", "experiment=language_cpu", "lora.r=2,8", "init=eva", "init.params.rho=1",
+                                    "+lora.bias=all", "hydra/launcher=local", "hydra.sweeper.dry_run=true",
+                                    "model.load.revision=main", "model=hf", "protocol=tuned"])
+    with pytest.raises(SystemExit):
+        check_command_line("language", ["optim.lrr=1", "seeed=2"])
+    assert capsys.readouterr().err.splitlines()[:2] == ["unknown key optim.lrr: did you mean optim.lr?",
+                                                        "unknown key seeed: did you mean seed?"]
+
+
+def test_another_modules_option_is_named_with_the_valid_ones(tmp_path):
+    from tasks.language.train import run
+
+    with pytest.raises(ConfigError) as error:
+        run(composed("language", ["model=vit_tiny_fmnist", f"results_dir={tmp_path}"]))
+    assert ("model=vit_tiny_fmnist is a vision option; the language recipe needs a language model, one of: hf, "
+            "llama2_7b, llama31_8b, mistral_7b, stories260k, stories260k_mistral") in str(error.value)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="task=vtab_cpu is a vision option; the rl recipe needs an rl task, one "
+                                          "of: mw_cpu, mw_mt40_cw10"):
+        RunContext.from_config(composed("rl", ["task=vtab_cpu"]), "rl", task="x", model="y")

@@ -134,11 +134,16 @@ def test_wandb_logger_runs_offline_and_a_wandb_failure_never_kills_a_run(tmp_pat
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    wandb.teardown()  # W&B reads WANDB_DIR once per process: an earlier test's setup would keep its directory
     record = run(compose_run(tmp_path, "logger=wandb", "task=math"))
     assert record["status"] == "success"
-    assert list((tmp_path / "wandb").glob("offline-run-*"))  # logged offline, syncable later
-
-    import wandb
+    wandb.teardown()  # run.finish() can return before W&B's service has written the run's file; this waits for it
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")  # logged offline, syncable later
+    logged = wandb_offline_run(offline)
+    assert (logged["run"].run_group, logged["run"].job_type) == ("dev", "train")
+    assert {"init:random", "protocol:fixed", "seed:0"} <= set(logged["run"].tags)
 
     def broken(*args, **kwargs):
         raise RuntimeError("W&B is down")
@@ -147,6 +152,97 @@ def test_wandb_logger_runs_offline_and_a_wandb_failure_never_kills_a_run(tmp_pat
     with pytest.warns(UserWarning, match="W&B init failed"):
         record = run(compose_run(tmp_path, "logger=wandb", "task=math", "seed=1"))
     assert record["status"] == "success"
+
+
+def wandb_offline_run(run_dir: Path) -> dict:
+    """What an offline W&B run wrote, read back from its transaction log ``run-<id>.wandb``: the run record (group,
+    job type, tags, name), history rows and summary updates. wandb 0.31 has no Python reader of its own (the old
+    ``wandb.sdk.internal.datastore`` is gone; wandb-core reads it), so this walks the log's framing (LevelDB's log
+    format: 32 KiB blocks of chunks with a 7-byte header: CRC32C, length, type full/first/middle/last) and decodes
+    each record with wandb's own protobuf, ``wandb.proto.wandb_internal_pb2.Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"  # the file header: identifier, magic, version (7 bytes)
+    block, header = 32768, 7
+    out = {"run": None, "history": [], "summary": {}}
+    pos, pending = header, b""
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        chunk, pos = data[pos + header : pos + header + length], pos + header + length
+        if kind == 0:  # zero-filled rest of the file
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk  # full or first start a record; middle, last extend
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        items = lambda entries: {e.key or "/".join(e.nested_key): json.loads(e.value_json) for e in entries}  # noqa: E731
+        what = record.WhichOneof("record_type")
+        if what == "run":
+            out["run"] = record.run
+        elif what == "history":
+            out["history"].append(items(record.history.item))
+        elif what == "summary":
+            out["summary"].update(items(record.summary.update))
+    return out
+
+
+def test_wandb_run_has_tags_job_type_step_logs_and_the_ranks_table(tmp_path, monkeypatch):
+    """A real tuned EVA run (one lr: one selection run, then the final run) logged offline, read back from W&B's
+    own files: grouped by experiment, typed, tagged, lr and gradient norm per logged step, each eval metric once,
+    the per-layer ranks as a table that matches the record, a small summary."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wandb.teardown()  # W&B reads WANDB_DIR once per process: an earlier test's setup would keep its directory
+    record = run(compose_run(tmp_path, "logger=wandb", "logger.tags=[mine]", "task=math", "init=eva", "lora.r=2",
+                             "protocol=tuned", "protocol.validation_size=8", "protocol.lr_grid=[5e-3]",
+                             "experiment_name=wb"))
+    assert record["status"] == "success"
+    wandb.teardown()  # run.finish() can return before W&B's service has written the run's file; this waits for it
+    runs = {r["run"].display_name: (r, d) for d in (tmp_path / "wandb").glob("offline-run-*")
+            for r in [wandb_offline_run(d)]}
+    final, final_dir = runs[Path(record_path_of(tmp_path, "wb")).stem]
+    selection = [r for name, (r, _) in runs.items() if r["run"].job_type == "lr_search"]
+    assert len(runs) == 2 and len(selection) == 1
+
+    assert final["run"].run_group == selection[0]["run"].run_group == "wb"  # the experiment, selection runs too
+    assert final["run"].job_type == "train"
+    assert set(final["run"].tags) == {"init:eva", "rank:2", "task:math", "model:stories260k", "protocol:tuned",
+                                      "seed:0", "mine"}
+
+    steps = [row for row in final["history"] if "train/loss" in row]
+    assert [row["_step"] for row in steps] == [step for step, _ in record["train"]["curve"]]
+    assert all(row["train/lr"] > 0 and row["train/grad_norm"] > 0 for row in steps)
+    for name, value in record["metrics"].items():
+        logged = [row[f"eval/{name}"] for row in final["history"] if f"eval/{name}" in row]
+        assert logged == [value], name  # once, with the record's value
+        assert final["summary"][f"eval/{name}"] == value and name not in final["summary"]  # no second copy
+
+    table = json.loads((final_dir / "files" / final["summary"]["init/layers/path"]).read_text())
+    assert table["columns"] == ["layer", "rank", "scaling", "explained_variance"]
+    assert {row[0]: row[1] for row in table["data"]} == record["init_report"]["ranks"]
+    explained = record["init_report"]["details"]["explained_variance"]
+    assert explained and all(row[3] == explained.get(row[0]) for row in table["data"])
+    ranks = list(record["init_report"]["ranks"].values())
+    assert (final["summary"]["init/rank_min"], final["summary"]["init/rank_max"]) == (min(ranks), max(ranks))
+    assert final["summary"]["init/method"] == "eva"
+    small = {k for k in final["summary"] if k.startswith("init/") and not k.startswith("init/layers/")}
+    assert small == {"init/method", "init/seconds", "init/rank_min", "init/rank_mean", "init/rank_max"}  # not the
+    # init report's leaf per layer
+    assert final["summary"]["status"] == "success"
+
+
+def record_path_of(root: Path, experiment: str) -> Path:
+    return next((root / experiment).glob("*.json"))
 
 
 def test_unknown_init_or_task_lists_the_valid_ones(tmp_path):

@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from eva_bench import adapters
+from eva_bench.checks import check_command_line
 from eva_bench.recipe import RunContext, build, place, seed_everything
 from tasks.language.train import evaluate_task, read_evals
 
@@ -50,4 +51,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("language")  # a misspelt key: its close match, before Hydra composes (eva_bench/checks.py)
     main()

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.adapters import save_adapter
+from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
 from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -69,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
             causal_lm_loss,
             OptimConfig(**cfg.optim),
             steps_per_epoch=len(features) // batch_size,
-            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+            on_log=record.log_train,  # loss, lr and gradient norm to the tracker
         )
         record.train(result)
         if result.status == "diverged":
@@ -187,4 +188,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("language")  # a misspelt key: its close match, before Hydra composes (eva_bench/checks.py)
     main()

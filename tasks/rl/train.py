@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from eva_bench import protocol
 from eva_bench.artifacts import dataset_content_hash
+from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
 from eva_bench.recipe import RunContext, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -85,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
             OptimConfig(**cfg.optim),
             steps_per_epoch=cfg.data.steps,
             batch_size=lambda b: len(b["states"]),
-            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+            on_log=record.log_train,  # loss, lr and gradient norm to the tracker
         )
         record.train(result)
         if result.status == "diverged":
@@ -121,4 +122,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("rl")  # a misspelt key: its close match, before Hydra composes (eva_bench/checks.py)
     main()

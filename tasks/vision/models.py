@@ -154,7 +154,7 @@ def _pretrain_pinned(folder: Path, spec: dict) -> dict:
     total = math.ceil(cfg["epochs"] * steps)
     print(f"pretraining {folder.name} on Fashion-MNIST ({len(images)} images, {cfg['epochs']} epochs, {total} steps)")
     with tqdm(total=total, unit="step", desc="backbone pretraining", mininterval=5) as bar:
-        def progress(step: int, loss: float) -> None:
+        def progress(step: int, loss: float, details: dict) -> None:
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{loss:.3f}")
 

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from eva_bench import protocol
+from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
 from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -78,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
             OptimConfig(**cfg.optim),
             steps_per_epoch=len(train_idx) // batch_size,
             batch_size=lambda b: len(b["labels"]),
-            on_log=lambda step, loss: record.log({"train/loss": loss}, step),
+            on_log=record.log_train,  # loss, lr and gradient norm to the tracker
         )
         record.train(result)
         if result.status == "diverged":
@@ -122,4 +123,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("vision")  # a misspelt key: its close match, before Hydra composes (eva_bench/checks.py)
     main()
