@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ def fit(
     result = FitResult(status="success", optimizer_steps=0, seconds=0.0, examples=0)
     running, running_n, seen = 0.0, 0, 0  # running: a device tensor once a loss arrives
     start = time.perf_counter()
+    bar, console = _progress_bar(total_steps)
     try:
         for epoch in range(math.ceil(optim.epochs)):
             for batch in batches(epoch):
@@ -138,6 +140,8 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.optimizer_steps += 1
+                if bar is not None:
+                    bar.update()
                 if result.optimizer_steps % optim.log_every == 0 or seen == total_batches:
                     mean = float(distributed.sum_tensor(running / running_n)) / distributed.world_size()
                     if not math.isfinite(mean):
@@ -147,6 +151,8 @@ def fit(
                     details = {"lr": lr}
                     if optim.max_grad_norm is not None:  # read back only on logged steps, as the loss
                         details["grad_norm"] = float(norm)
+                    if bar is not None:
+                        bar.set_postfix_str(f"loss {mean:.4f}  lr {lr:.2e}", refresh=False)
                     if on_log is not None:
                         on_log(result.optimizer_steps, mean, details)
                     if distributed.rank() == 0:
@@ -162,10 +168,26 @@ def fit(
         result.final_loss = float("nan")
         log.warning(f"fit: run diverged: {error}")
     finally:
+        if bar is not None:
+            bar.close()
+            console.close()
         result.seconds = time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
         model.eval()
     return result
+
+
+def _progress_bar(total_steps: int):
+    """(bar, its console redirection): a bar over optimizer steps (loss, lr and ETA) when a person watches a terminal;
+    None in a log file, a sweep worker or another rank, where the step lines every ``log_every`` are the progress."""
+    console = contextlib.ExitStack()
+    if distributed.rank() != 0 or not sys.stderr.isatty():
+        return None, console
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console.enter_context(logging_redirect_tqdm())  # the step lines print above the bar instead of through it
+    return tqdm(total=total_steps, unit="step", desc="training", leave=False, dynamic_ncols=True), console
 
 
 def _data_parallel(model: nn.Module, params: list[nn.Parameter]) -> nn.Module:

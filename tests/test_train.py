@@ -73,3 +73,54 @@ def test_fit_needs_trainable_parameters():
     model = nn.Linear(4, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         fit(model, lambda e: iter(regression()), mse, OptimConfig(lr=0.1), steps_per_epoch=8)
+
+
+SCRIPT = """
+import logging, sys, torch
+from torch import nn
+sys.path.insert(0, {tests!r})
+from test_train import regression, mse
+from eva_bench.train import OptimConfig, fit
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+torch.manual_seed(0)
+fit(nn.Linear(4, 1), lambda epoch: iter(regression()), mse, OptimConfig(lr=0.2, epochs=2, log_every=8),
+    steps_per_epoch=8)
+"""
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_bar_on_a_terminal_and_step_lines_everywhere(terminal, tmp_path):
+    """On a terminal a progress bar over the optimizer steps (with loss and lr) and the step lines above it; in a log
+    file only the step lines."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import sys
+    from pathlib import Path
+
+    code = SCRIPT.format(tests=str(Path(__file__).parent))
+    if terminal:
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 wide
+        proc = subprocess.run([sys.executable, "-c", code], stderr=follower, stdout=subprocess.DEVNULL, timeout=120)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        err = b"".join(chunks).decode(errors="replace")
+    else:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        err = proc.stderr
+    assert proc.returncode == 0, err
+    assert "step 8/16  loss" in err and "step 16/16  loss" in err  # the step lines, both ways
+    assert ("training:" in err and "16/16" in err and "lr " in err) == terminal  # the bar only on a terminal
