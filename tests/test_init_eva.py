@@ -10,18 +10,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from eva_bench.init import INITS, Calibration, InitMethod, initialize
-from eva_bench.init import eva as fast_eva
+from eva_bench.init import Calibration, initialize
 from eva_bench.init.eva_pca import lowrank_eigh
 from tests.conftest import lm_calibration, tiny_llama, token_batches
 
 VIT_TARGETS = r".*blocks.*(qkv|proj|fc1|fc2)$"
-
-
-@pytest.fixture(autouse=True)
-def eva_is_eva_py(monkeypatch):
-    """These tests test eva.py's EVA under the name "eva", whatever the registry maps that name to."""
-    monkeypatch.setitem(INITS, "eva", InitMethod(fast_eva.eva, needs=("batches", "forward")))
 
 
 def lora_a(peft_model) -> dict[str, torch.Tensor]:

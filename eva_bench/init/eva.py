@@ -5,7 +5,7 @@ incremental PCA run until consecutive batches give components with cosine >= tau
 by explained variance within the budget r x (number of layers); B = 0, W untouched (docs/methods.md, EVA, steps 1-7).
 
 The algorithm is PEFT 0.21's ``get_eva_state_dict`` step for step - which batches a layer sees, when it stops, how
-ranks are allocated - so ``eva`` and ``eva_peft`` give the same result on the same batches (tests/test_eva_fast.py);
+ranks are allocated - so ``eva`` and ``eva_peft`` give the same result on the same batches (tests/test_init_eva.py);
 only the arithmetic is arranged to cost little (bench/README.md, section (b)). This module is the method: forward
 hooks on the base model that feed each input group's statistics (layers fed the same tensor object form a group,
 found in the first forward), PEFT's loop, stopping rule and rank allocation, and the LoRA model. The incremental PCA

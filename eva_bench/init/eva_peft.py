@@ -10,7 +10,7 @@ This wraps PEFT's implementation and adds what a benchmark needs around it:
   here each batch is used at most once and layers still unconverged at the cap are named in a warning and the report;
 - the task's row mask (padding, and optionally prompt tokens) through the Calibration callbacks, for any batch type;
 - whitening applied once per layer (PEFT 0.21 divides a shared-input group's components in place, once per member).
-It is registered as ``eva_peft`` so both implementations can run side by side (tests/test_eva_fast.py, bench/eva.py).
+It is registered as ``eva_peft`` so both implementations can run side by side (tests/test_init_eva.py, bench/eva.py).
 """
 
 from __future__ import annotations
