@@ -36,7 +36,8 @@ INITS: dict[str, InitMethod] = {
     "random": InitMethod(random.kaiming_uniform),
     "gaussian": InitMethod(random.gaussian),
     # PEFT 0.21's algorithm at about the cost of its forwards: the same ranks and components as eva_peft on the same
-    # batches (tests/test_eva_fast.py), 2-2.5x faster (bench/README.md)
+    # batches (tests/test_init_eva.py); 2.6x (ViT-tiny) to 3.0x (stories260K) faster than eva_peft where
+    # bench/README.md measured it, section (b)
     "eva": InitMethod(eva.eva, needs=("batches", "forward")),
     "eva_peft": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),  # PEFT 0.21's EVA, the reference
     # controls: EVA with one thing changed (the basis, the layer, the subspace), controls.py

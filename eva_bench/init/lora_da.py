@@ -76,7 +76,8 @@ def lora_da(
     damping 1e-6, no offset); conf/init/lora_da.yaml sets n_g, n_F to null. ``n_g=None, n_F=None``: the first half of the calibration batches
     for the gradient, the second half for the Fisher (every data-driven method then sees the same calibration
     budget, however large the run makes it). ``n_train``: the training-set size N of the variance term
-    (default: the number of calibration examples used)."""
+    (default: the training-set size the task states, ``Calibration.dataset_size``; without one, the number of
+    distinct calibration examples used)."""
     _check_params(n_g=n_g, n_F=n_F, beta=beta, gamma=gamma, damping=damping, n_train=n_train)
     if n_g is None and len(calibration.batches) < 2:
         raise ValueError("lora_da: n_g = n_F = None splits the calibration batches in half: supply at least 2")
