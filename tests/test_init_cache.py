@@ -7,17 +7,15 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from eva_bench.init import INITS, InitMethod, initialize
+from eva_bench.init import initialize
 from eva_bench.init import cache as stats_cache
-from eva_bench.init import eva as fast_eva
 from tests.conftest import lm_calibration, tiny_llama, token_batches
 
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-    """A private cache, and eva.py's EVA under the name "eva" whatever the registry maps that name to."""
+    """A private cache."""
     monkeypatch.setenv("EVA_BENCH_CACHE", str(tmp_path))
-    monkeypatch.setitem(INITS, "eva", InitMethod(fast_eva.eva, needs=("batches", "forward")))
     return tmp_path / "init_stats"
 
 

@@ -10,7 +10,6 @@ method, and report the realised per-layer ranks. Data reaches a method only thro
 from __future__ import annotations
 
 import inspect
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -19,12 +18,10 @@ from dataclasses import asdict, dataclass, field
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from . import controls, eva, eva_peft, lora_da, peft_methods, random, svd
 from .calibration import Calibration, select_rows
-
-LINEAR_TYPES = (nn.Linear, Conv1D)  # layers every method here can adapt (HF Conv1D: GPT-2-style models)
+from .targets import LINEAR_TYPES, InitError, check_rank, find_targets
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,8 @@ INITS: dict[str, InitMethod] = {
     "random": InitMethod(random.kaiming_uniform),
     "gaussian": InitMethod(random.gaussian),
     # PEFT 0.21's algorithm at about the cost of its forwards: the same ranks and components as eva_peft on the same
-    # batches (tests/test_eva_fast.py), 2-2.5x faster (bench/README.md)
+    # batches (tests/test_init_eva.py); 2.6x (ViT-tiny) to 3.0x (stories260K) faster than eva_peft where
+    # bench/README.md measured it, section (b)
     "eva": InitMethod(eva.eva, needs=("batches", "forward")),
     "eva_peft": InitMethod(eva_peft.eva_peft, needs=("batches", "forward")),  # PEFT 0.21's EVA, the reference
     # controls: EVA with one thing changed (the basis, the layer, the subspace), controls.py
@@ -73,10 +71,6 @@ class InitReport:
         return asdict(self)
 
 
-class InitError(ValueError):
-    """Bad input to the initializer, raised before any work is done."""
-
-
 def initialize(
     model: nn.Module,
     method: str,
@@ -100,7 +94,7 @@ def initialize(
     if rank < 1:
         raise InitError(f"rank must be >= 1 (got {rank})")
     targets = find_targets(model, target_modules)
-    _check_rank(targets, rank)
+    check_rank(targets, rank)
     missing = [f for f in spec.needs if calibration is None or getattr(calibration, f, None) is None]
     if missing:
         raise InitError(f"init {method!r} needs calibration data ({', '.join(missing)}); the task supplied none")
@@ -136,46 +130,6 @@ def initialize(
     return peft_model, report
 
 
-def find_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str, nn.Module]:
-    """The layers a target spec selects, with PEFT's matching rules, checked to be adaptable linear layers.
-
-    ``"all-linear"``: every Linear/Conv1D except the output layer. A string is a regex matched against the full
-    module name; a list matches a name equal to an entry or ending in ``.entry``. Matching anything that is not a
-    linear layer (a plain ``"proj"`` also hits timm's ``patch_embed.proj`` Conv2d) is an error, not a silent skip.
-    """
-    if target_modules == "all-linear":
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        found = {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not head}
-    else:
-        found = {n: m for n, m in model.named_modules() if n and _matches(n, target_modules)}
-    if not found:
-        raise InitError(f"target_modules {target_modules!r} match no module of {type(model).__name__}")
-    wrong = {n: type(m).__name__ for n, m in found.items() if not isinstance(m, LINEAR_TYPES)}
-    if wrong:
-        listed = ", ".join(f"{n} ({t})" for n, t in sorted(wrong.items())[:8])
-        raise InitError(
-            f"target_modules {target_modules!r} match layers that are not nn.Linear/Conv1D: {listed}; "
-            "narrow the pattern (e.g. '.*blocks.*(qkv|proj)$' instead of 'proj')"
-        )
-    return found
-
-
-def _matches(name: str, target_modules: str | list[str]) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _check_rank(targets: dict[str, nn.Module], rank: int) -> None:
-    too_small = {n: tuple(m.weight.shape) for n, m in targets.items() if rank > min(m.weight.shape)}
-    if too_small:
-        name, shape = next(iter(too_small.items()))
-        raise InitError(
-            f"rank {rank} exceeds what {len(too_small)} target layer(s) allow, e.g. {name} with weight {shape} "
-            f"(rank <= min(in, out) = {min(shape)})"
-        )
-
-
 def _check_params(method: str, apply: Callable, params: dict) -> None:
     accepted = [p for p, v in inspect.signature(apply).parameters.items() if v.kind is v.KEYWORD_ONLY]
     unknown = sorted(set(params) - set(accepted))
@@ -183,4 +137,7 @@ def _check_params(method: str, apply: Callable, params: dict) -> None:
         raise InitError(f"init {method!r} has no parameter(s) {unknown}; it accepts {accepted or 'none'}")
 
 
-__all__ = ["INITS", "Calibration", "InitError", "InitMethod", "InitReport", "find_targets", "initialize", "select_rows"]
+__all__ = [
+    "INITS", "LINEAR_TYPES", "Calibration", "InitError", "InitMethod", "InitReport", "find_targets", "initialize",
+    "select_rows",
+]

@@ -17,7 +17,8 @@ A key holds everything the statistics depend on, so a hit is never stale:
 ``variant`` names entries that share a key but differ in size (EVA: how many components were computed), so a method
 can look for a larger entry that serves a smaller request. Writes are atomic (temporary file + rename: a killed run
 never leaves a half-written entry under the real name); a file that cannot be read, or whose stored key does not
-match, is deleted and reported as a miss, so the caller recomputes it.
+match, is deleted and reported as a miss, so the caller recomputes it. What EVA stores here, and how a run replays
+it: eva_replay.py.
 """
 
 from __future__ import annotations

@@ -72,6 +72,11 @@ class Calibration:
         return None if fn is None else fn(batch).reshape(-1).bool()
 
 
+def first_input(layer_input):
+    """The input tensor of a layer from what a forward hook receives (its positional args, or PEFT's one tensor)."""
+    return layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+
+
 def select_rows(layer_input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Flatten a layer input to ``(rows, features)`` and keep the rows the mask marks."""
     flat = layer_input.reshape(-1, layer_input.shape[-1])

@@ -10,7 +10,7 @@ This wraps PEFT's implementation and adds what a benchmark needs around it:
   here each batch is used at most once and layers still unconverged at the cap are named in a warning and the report;
 - the task's row mask (padding, and optionally prompt tokens) through the Calibration callbacks, for any batch type;
 - whitening applied once per layer (PEFT 0.21 divides a shared-input group's components in place, once per member).
-It is registered as ``eva_peft`` so both implementations can run side by side (tests/test_eva_fast.py, bench/eva.py).
+It is registered as ``eva_peft`` so both implementations can run side by side (tests/test_init_eva.py, bench/eva.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from peft import EvaConfig, LoraConfig, get_peft_model
 from peft.tuners.lora.eva import SVDHook, get_eva_state_dict, initialize_lora_eva_weights
 
-from .calibration import Calibration, select_rows
+from .calibration import Calibration, first_input, select_rows
 from .eva import check_components_fit, check_eva_params
 
 
@@ -91,7 +91,7 @@ def eva_peft(
         dataloader=list(calibration.batches[:cap]),
         forward_fn=forward,
         prepare_model_inputs_fn=lambda batch, _config: calibration.mask(batch, loss_only=label_mask),
-        prepare_layer_inputs_fn=lambda layer_input, mask, _name: select_rows(_first(layer_input), mask),
+        prepare_layer_inputs_fn=lambda layer_input, mask, _name: select_rows(first_input(layer_input), mask),
         show_progress_bar=False,
     )
     hook_of = {name: _owning_hook(name, u, forward.hooks) for name, u in components.items()}
@@ -123,10 +123,6 @@ def eva_peft(
         "unconverged_layers": unconverged,
         "explained_variance": explained,
     }
-
-
-def _first(layer_input):
-    return layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
 
 
 def _base_name(peft_name: str) -> str:

@@ -49,10 +49,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .. import distributed
 from .calibration import Calibration, select_rows
+from .targets import as_out_in, find_targets, in_features, out_in_shape
 
 # Below this input dimension the linear algebra runs in float64 (cheap, and Z + 1e-6 I is badly conditioned);
 # above it float32, as in the reference code, to keep 11k x 11k eigen-decompositions affordable.
@@ -76,9 +76,8 @@ def lora_da(
     damping 1e-6, no offset); conf/init/lora_da.yaml sets n_g, n_F to null. ``n_g=None, n_F=None``: the first half of the calibration batches
     for the gradient, the second half for the Fisher (every data-driven method then sees the same calibration
     budget, however large the run makes it). ``n_train``: the training-set size N of the variance term
-    (default: the number of calibration examples used)."""
-    from . import find_targets
-
+    (default: the training-set size the task states, ``Calibration.dataset_size``; without one, the number of
+    distinct calibration examples used)."""
     _check_params(n_g=n_g, n_F=n_F, beta=beta, gamma=gamma, damping=damping, n_train=n_train)
     if n_g is None and len(calibration.batches) < 2:
         raise ValueError("lora_da: n_g = n_F = None splits the calibration batches in half: supply at least 2")
@@ -86,9 +85,9 @@ def lora_da(
         raise ValueError("lora_da initializes standard LoRA only: DoRA's magnitude vector is not part of the method")
     targets = find_targets(model, lora_config.target_modules)
     for name, module in targets.items():
-        if lora_config.r > _in_features(module):
+        if lora_config.r > in_features(module):
             raise ValueError(
-                f"lora_da: rank {lora_config.r} exceeds the {_in_features(module)} input features of {name}: "
+                f"lora_da: rank {lora_config.r} exceeds the {in_features(module)} input features of {name}: "
                 "A0 takes r eigenvectors of the in x in guidance matrix"
             )
 
@@ -267,7 +266,7 @@ def _gradient_pass(model, targets, calibration, n_g, stats) -> None:
     first_half = (len(calibration.batches) + 1) // 2
     names = list(targets)
     weights = [targets[n].weight for n in names]
-    totals = {n: torch.zeros(_out_in_shape(targets[n]), dtype=torch.float32, device=targets[n].weight.device)
+    totals = {n: torch.zeros(out_in_shape(targets[n]), dtype=torch.float32, device=targets[n].weight.device)
               for n in names}
     hooks = _Hooks(targets, capture=False)
     try:
@@ -281,7 +280,7 @@ def _gradient_pass(model, targets, calibration, n_g, stats) -> None:
             grads = torch.autograd.grad(loss * b, weights, allow_unused=True)
             for n, g in zip(names, grads):
                 if g is not None:
-                    totals[n] += _as_out_in(g, targets[n]).float()
+                    totals[n] += as_out_in(g, targets[n]).float()
             b = distributed.sum_int(b)  # the union's examples in this step (one process: b)
             stats.batch_examples[stats.gradient_batches] = b
             stats.gradient_batches += 1
@@ -368,20 +367,6 @@ def _batch_size(hooks: _Hooks) -> int:
     if hooks.batch_size is None:
         raise RuntimeError("lora_da: the calibration loss ran none of the target layers")
     return int(hooks.batch_size)
-
-
-def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
-
-
-def _out_in_shape(module: nn.Module) -> tuple[int, int]:
-    out, inp = module.weight.shape
-    return (inp, out) if isinstance(module, Conv1D) else (out, inp)
-
-
-def _as_out_in(weight_like: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """HF Conv1D stores W transposed (in x out, y = x W + b); every formula here uses W as out x in."""
-    return weight_like.T if isinstance(module, Conv1D) else weight_like
 
 
 def _check_params(*, n_g, n_F, beta, gamma, damping, n_train) -> None:

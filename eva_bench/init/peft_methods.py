@@ -41,6 +41,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .calibration import Calibration, select_rows
 from .svd import ADAPTER, wrap, lora_layers, refresh_dora_magnitude, set_adapter_and_residual, weight_out_in
+from .targets import find_targets
 
 
 def olora(model, lora_config: LoraConfig, calibration=None):
@@ -127,8 +128,6 @@ def lora_ga(
 
 def _targets(model, lora_config: LoraConfig) -> dict:
     """The target layers by their name in the unwrapped model (the keys PEFT's CorDA reads the covariances by)."""
-    from . import find_targets  # here, not at the top: the package imports this module before defining it
-
     return find_targets(model, sorted(lora_config.target_modules))
 
 

@@ -52,8 +52,8 @@ import math
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.utils.other import transpose
-from transformers.pytorch_utils import Conv1D
+
+from .targets import as_out_in, find_targets, matches, out_in_shape
 
 ADAPTER = "default"
 QUERY = ("q_proj", "query", "q")  # default query-projection name suffixes
@@ -93,14 +93,12 @@ def ailora(
     ``other``: what the remaining target layers get: ``"random"`` (PEFT's standard init, B = 0), ``"pissa"`` (their
     top-r triplets, residual frozen) or ``"skip"`` (no adapter).
     """
-    from . import _matches, find_targets  # the package's name rules; imported here to avoid a circular import
-
     if other not in ("random", "pissa", "skip"):
         raise ValueError(f"ailora: other must be 'random', 'pissa' or 'skip' (got {other!r})")
     specs = {"query": query or list(QUERY), "value": value or list(VALUE), "fused": fused or list(FUSED)}
     roles = {}
     for name, module in sorted(find_targets(model, lora_config.target_modules).items()):
-        hits = [role for role, spec in specs.items() if _matches(name, spec)]
+        hits = [role for role, spec in specs.items() if matches(name, spec)]
         if len(hits) > 1:
             raise ValueError(f"ailora: layer {name} matches more than one of {hits}; make query/value/fused disjoint")
         roles[name] = hits[0] if hits else "other"
@@ -156,8 +154,9 @@ def lora_layers(peft_model) -> dict[str, LoraLayer]:
 
 
 def weight_out_in(layer: LoraLayer) -> torch.Tensor:
-    """The base weight as out x in in float32 (HF Conv1D stores in x out: PEFT marks it fan_in_fan_out)."""
-    return transpose(layer.get_base_layer().weight.detach().float(), layer.fan_in_fan_out)
+    """The base weight as out x in in float32."""
+    base = layer.get_base_layer()
+    return as_out_in(base.weight.detach().float(), base)
 
 
 def triplets(w: torch.Tensor, r: int, which: str):
@@ -189,7 +188,7 @@ def set_adapter_and_residual(layer: LoraLayer, b: torch.Tensor, a: torch.Tensor)
         layer.lora_A[ADAPTER].weight.data = a
         layer.lora_B[ADAPTER].weight.data = b
         residual = weight_out_in(layer) - layer.scaling[ADAPTER] * (b.float() @ a.float())
-        base.weight.data = transpose(residual, layer.fan_in_fan_out).to(dtype).contiguous()
+        base.weight.data = as_out_in(residual, base).to(dtype).contiguous()  # back to the stored layout
     refresh_dora_magnitude(layer)
 
 
@@ -212,7 +211,7 @@ def _start_on_triplets(layer: LoraLayer, which: str) -> None:
 
 def _check_fused(name: str, module, r: int) -> None:
     """Checked before wrapping: three equal output blocks, and a q block with at least ceil(r/2) triplets."""
-    out, in_ = module.weight.shape[::-1] if isinstance(module, Conv1D) else module.weight.shape
+    out, in_ = out_in_shape(module)
     if out % 3:
         raise ValueError(
             f"ailora: fused layer {name} has {out} output features, not three equal q/k/v blocks; "

@@ -316,6 +316,16 @@ def test_short_calibration_reuses_batches_with_a_warning():
     assert report.calibration_batches == 6 and report.details["n_train"] == 24
 
 
+def test_n_train_defaults_to_the_training_set_size_the_task_states():
+    """N of the variance term is Calibration.dataset_size when the task states one; the calibration examples (24
+    here) stand in only without it (the test above)."""
+    _, report = initialize(
+        tiny_llama(), "lora_da", rank=2, alpha=1, target_modules=["q_proj"], n_g=12, n_F=12,
+        calibration=lm_calibration(token_batches(), dataset_size=7473),
+    )
+    assert report.details["n_train"] == 7473
+
+
 def test_no_counts_split_the_calibration_batches_in_half():
     """n_g = n_F = None: the suite's config default; the gradient takes the first ceil(B/2) batches, the Fisher the
     rest, none reused and no warning."""

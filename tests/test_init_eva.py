@@ -10,18 +10,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from eva_bench.init import INITS, Calibration, InitMethod, initialize
-from eva_bench.init import eva as fast_eva
-from eva_bench.init.eva import _lowrank_eigh
+from eva_bench.init import Calibration, initialize
+from eva_bench.init.eva_pca import lowrank_eigh
 from tests.conftest import lm_calibration, tiny_llama, token_batches
 
 VIT_TARGETS = r".*blocks.*(qkv|proj|fc1|fc2)$"
-
-
-@pytest.fixture(autouse=True)
-def eva_is_eva_py(monkeypatch):
-    """These tests test eva.py's EVA under the name "eva", whatever the registry maps that name to."""
-    monkeypatch.setitem(INITS, "eva", InitMethod(fast_eva.eva, needs=("batches", "forward")))
 
 
 def lora_a(peft_model) -> dict[str, torch.Tensor]:
@@ -171,19 +164,19 @@ def test_incremental_svd_is_peft_incremental_pca_batch_by_batch(d, may_stash):
     rows, in the hook."""
     from peft.utils.incremental_pca import IncrementalPCA
 
-    from eva_bench.init.eva import _GramBatch, _lowrank_applies, _merge, _RowsBatch, _Stats
+    from eva_bench.init.eva_pca import GramBatch, RowsBatch, Stats, lowrank_applies, merge
 
     torch.manual_seed(0)
     k = 2
     reference = IncrementalPCA(n_components=k, copy=True, lowrank=True, lowrank_seed=42)
-    stats = _Stats(truncate=True, k=k)
+    stats = Stats(truncate=True, k=k)
     for _ in range(6):
         x = torch.randn(272, d) * torch.linspace(1.5, 0.5, d) + 3.0
         reference.partial_fit(x)
         stats.add(x, may_stash=may_stash)
         if stats.pending:  # not updated in the hook: update as after a forward
-            batch = _RowsBatch([stats]) if stats.stash else _GramBatch([stats], d)
-            _merge([stats], d, k, batch, _lowrank_applies(stats, d, k, stats.pending))
+            batch = RowsBatch([stats]) if stats.stash else GramBatch([stats], d)
+            merge([stats], d, k, batch, lowrank_applies(stats, d, k, stats.pending))
         values, vectors = stats.top
         ratios = values / stats.total
         torch.testing.assert_close(ratios, reference.explained_variance_ratio_.double(), rtol=1e-4, atol=0)
@@ -200,7 +193,7 @@ def test_lowrank_eigh_is_peft_svd_lowrank_from_the_gram_matrix():
         torch.manual_seed(42)
         _, s, v = torch.svd_lowrank(a, q=2 * k, niter=4)
     gram = (a.T @ a).double().unsqueeze(0)
-    values, vectors = _lowrank_eigh(lambda w: gram @ w, 48, k, [True], gram.device)
+    values, vectors = lowrank_eigh(lambda w: gram @ w, 48, k, [True], gram.device)
     values, vectors = values[0], vectors[0]
     torch.testing.assert_close(values.sqrt().float(), s[:k], rtol=1e-5, atol=0)
     assert (vectors.T.float() @ v[:, :k]).diagonal().abs().min() > 0.99999
