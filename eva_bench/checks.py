@@ -105,6 +105,7 @@ def _lookup(config: dict, key: str):
 # --- unknown keys -----------------------------------------------------------------------------------------------
 
 SKIPPED = ("hydra",)  # Hydra's own settings: Hydra checks them
+NAMED_BY_USER = ("task.evals",)  # mappings keyed by names a config chooses (a task's eval sets, in its own file)
 ANY = None  # _extra_keys' answer for a node whose callable takes **kwargs: every key is valid there
 
 
@@ -161,30 +162,36 @@ def unknown_keys(config: dict) -> list[tuple[str, list[str]]]:
     known = known_keys(domain if (CONF / f"{domain}.yaml").exists() else None)
     out: list[tuple[str, list[str]]] = []
 
-    def walk(node: dict, prefix: str) -> None:
-        extra = _extra_keys(prefix, node, config)
-        if prefix == "init.params":  # the chosen method's parameters, not every method's
+    def walk(node: dict, prefix: str, pattern: str) -> None:
+        if pattern in NAMED_BY_USER:  # any name; each entry is checked against every entry conf/ defines there
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}.{key}", f"{pattern}.*")
+            return
+        extra = _extra_keys(pattern, node, config)
+        if pattern == "init.params":  # the chosen method's parameters, not every method's
             defined, near = extra, sorted(extra)
         else:
-            defined, near = set(_siblings(prefix, known)) | (extra or set()), _siblings(prefix, known)
+            defined, near = set(_siblings(pattern, known)) | (extra or set()), _siblings(pattern, known)
         for key, value in node.items():
-            dotted = f"{prefix}.{key}" if prefix else str(key)
+            dotted, deeper = (f"{prefix}.{key}", f"{pattern}.{key}") if prefix else (str(key), str(key))
             if dotted in SKIPPED:
                 continue
             if extra is not ANY and key not in defined:
                 out.append((dotted, near))
             elif isinstance(value, dict):
-                walk(value, dotted)
+                walk(value, dotted, deeper)
 
-    walk(config, "")
+    walk(config, "", "")
     return out
 
 
 def _siblings(prefix: str, known) -> list[str]:
-    """The keys conf/ defines directly under ``prefix``: what a misspelt key there is compared with."""
-    depth = prefix.count(".") + 1 if prefix else 0
-    return sorted(k.rsplit(".", 1)[-1] for k in known
-                  if k.count(".") == depth and (not prefix or k.startswith(prefix + ".")))
+    """The keys conf/ defines directly under ``prefix`` (``*``: any name there): what a misspelt key is compared
+    with."""
+    parts = prefix.split(".") if prefix else []
+    return sorted({k.rsplit(".", 1)[-1] for k in known if k.count(".") == len(parts)
+                   and all(p in ("*", q) for p, q in zip(parts, k.split(".")))})
 
 
 def _extra_keys(dotted: str, node: dict, config: dict) -> frozenset | None:

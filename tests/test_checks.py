@@ -93,6 +93,14 @@ def test_keys_defined_elsewhere_pass(override):
     assert problems(composed("language", ["init=eva", override])) == []
 
 
+def test_eval_sets_take_any_name_and_their_specs_are_checked():
+    """task.evals is keyed by names a task file chooses (tests/test_language_sets.py adds one by YAML alone); what
+    each holds is checked against what conf/'s eval sets hold."""
+    assert problems(composed("language", ["+task.evals.mine={data: {}, metrics: [nll], scorer: number}"])) == []
+    assert problems(composed("language", ["+task.evals.gsm8k.scorr=number"])) == [
+        "unknown key task.evals.gsm8k.scorr: did you mean task.evals.gsm8k.scorer?"]
+
+
 def test_another_recipes_key_is_unknown():
     """data.steps is the RL recipe's (conf/rl.yaml): on the vision recipe it would be ignored, so it is an error."""
     assert problems(composed("rl", ["data.steps=5"])) == []

@@ -56,7 +56,7 @@ def test_a_validation_split_as_large_as_the_data_is_an_error(tmp_path):
 
 def test_language_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="model=stories260k is a language option; the rl recipe needs an rl model, "
-                                         "one of: dt_cpu, dt_paper"):
+                                         "one of: dt_cpu, dt_local, dt_paper"):
         run(compose_run(tmp_path, "model=stories260k", tiny=[]))
 
 
