@@ -1,8 +1,8 @@
 """What every task recipe does around its own steps: find its record, skip if done, seed, record, track.
 
     ctx = RunContext.from_config(cfg, "language", task="math", model="stories260k")
-    if ctx.finished():
-        return ctx.existing()
+    if (record := ctx.existing_or_claim()) is not None:
+        return record
     with ctx.recording(selection) as record:
         ...; record.init(report); record.train(fit_result); record.metrics(metrics)
         return record.finish("success")
@@ -10,7 +10,7 @@
 An exception inside ``recording()`` writes a ``failed`` record (with the traceback) and is re-raised, so a single
 run exits non-zero and a Hydra sweep carries on with the next run and reports the failure at the end.
 
-Concurrent jobs (a SLURM array, a requeued job next to its old self): ``finished()`` first takes the record's file
+Concurrent jobs (a SLURM array, a requeued job next to its old self): ``existing_or_claim()`` takes the record's file
 lock (``<record>.lock``) and holds it until the record is written, so a second job with the same run id waits there,
 then skips the finished record (or reruns a failed one). The lock dies with its process: a killed job blocks nobody.
 Under torchrun rank 0 holds the lock for the job while the other ranks wait with it (``locks.hold_for_job``).
@@ -110,6 +110,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The fairness contract: within a seed, every init method trains on the same data order and is initialized from the
+# same calibration batches, so a difference between two methods' runs of one seed is the methods' (the tables pair
+# seeds on this). Both come from generators of their own, apart from the global RNG the model build consumes.
+def data_order(seed: int, epoch: int) -> torch.Generator:
+    """The generator of a seed's data order in one epoch."""
+    return torch.Generator().manual_seed(seed * 1000 + epoch)
+
+
+def calibration_draw(seed: int) -> torch.Generator:
+    """The generator of a seed's calibration batches (offset so that it never equals a data order's)."""
+    return torch.Generator().manual_seed(10_007 + seed)
+
+
 @dataclass
 class RunContext:
     config: dict  # the resolved run config
@@ -140,10 +153,10 @@ class RunContext:
         run_id = results.run_id(task, model, run["init"], run["rank"], cfg.seed, config)
         return cls(config=config, run=run, path=results.record_path(cfg.results_dir, cfg.experiment_name, run_id))
 
-    def finished(self) -> bool:
-        """True when a finished record exists; otherwise this job now holds the record's lock until the record is
-        written (a job running the same record elsewhere is waited for first). Under torchrun every rank calls it
-        and rank 0 decides for all: only it locks and writes the record (``locks.hold_for_job``)."""
+    def existing_or_claim(self) -> dict | None:
+        """The finished record when one exists; otherwise None, and this job now holds the record's lock until the
+        record is written (a job running the same record elsewhere is waited for first). Under torchrun every rank
+        calls it and rank 0 decides for all: only it locks and writes the record (``locks.hold_for_job``)."""
         self._claim()
         done = False
         if distributed.rank() == 0:
@@ -152,11 +165,12 @@ class RunContext:
                 results.set_aside(self.path, problem)
             done = record is not None and record["status"] in results.FINISHED and not self.config.get("force")
         done = distributed.from_rank0(done)
-        if done:
-            if distributed.rank() == 0:
-                print(f"skip (finished record exists): {self.path}")
-            self._release()
-        return done
+        if not done:
+            return None
+        if distributed.rank() == 0:
+            print(f"skip (finished record exists): {self.path}")
+        self._release()
+        return self.existing()
 
     def _claim(self) -> None:
         if getattr(self, "_claimed", False):
@@ -180,7 +194,7 @@ class RunContext:
         """The run's record, written when the block ends (``failed`` with the traceback if it raises). It holds the
         tuned protocol's lr ``selection`` (None under the fixed protocol); torch's threads are pinned to the run's
         ``threads`` for the block."""
-        self._claim()  # no-op after finished(); a recipe that never asked still gets the record to itself
+        self._claim()  # no-op after existing_or_claim(); a recipe that never asked still gets the record to itself
         leader = distributed.rank() == 0  # the other ranks of a torchrun job neither lock, log nor write
         logger = dict(self.config.get("logger") or {}) if leader else {}
         kind = logger.pop("kind", "none")
@@ -209,6 +223,10 @@ class Recorder:
     started_at: str = field(default_factory=results.now)
     start: float = field(default_factory=time.perf_counter)
     body: dict = field(default_factory=dict)
+
+    def section(self, name: str, value) -> None:
+        """A top-level section of the record beyond the shared ones (vision: ``backbone``; RL: ``artifacts``)."""
+        self.body[name] = value
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log(metrics, step)

@@ -222,7 +222,7 @@ from eva_bench.recipe import RunContext
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))  # far shorter than the wait below
 locks.POLL_SECONDS = 0.5
 ctx = RunContext(config={}, run={"experiment": "x"}, path=Path(sys.argv[1]))
-assert ctx.finished() is False  # waited for the other job's lock, then took it for this job
+assert ctx.existing_or_claim() is None  # waited for the other job's lock, then took it for this job
 with ctx.recording() as record:
     record.finish("success")
 dist.barrier()

@@ -108,9 +108,9 @@ def test_a_second_job_with_the_same_run_id_waits_then_skips(tmp_path, capsys):
     path = tmp_path / "exp" / "math--m--eva--r2--s0--abc.json"
     run = {"experiment": "exp", "task": "math", "model": "m", "init": "eva", "rank": 2, "seed": 0, "config_hash": "abc"}
     running, waiting = (RunContext(config={}, run=run, path=path) for _ in range(2))
-    assert not running.finished()  # the first job holds the record now
+    assert running.existing_or_claim() is None  # the first job holds the record now
     answer = {}
-    second = threading.Thread(target=lambda: answer.setdefault("finished", waiting.finished()))
+    second = threading.Thread(target=lambda: answer.setdefault("finished", waiting.existing_or_claim() is not None))
     second.start()
     while "waiting" not in capsys.readouterr().out:
         time.sleep(0.05)  # the second job is blocked on the record's lock

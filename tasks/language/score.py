@@ -30,15 +30,15 @@ def context(cfg: DictConfig) -> RunContext:
 
 def run(cfg: DictConfig) -> dict:
     ctx = context(cfg)
-    if ctx.finished():
-        return ctx.existing()
+    if (record := ctx.existing_or_claim()) is not None:
+        return record
     with ctx.recording() as record:
         seed_everything(cfg.seed)  # scoring is greedy and deterministic; seeded all the same, as every run is
         eval_sets = read_evals(cfg.task.evals)  # before the model: a bad file or scorer fails first
         model, tokenizer = build(cfg.model.load)
         if cfg.adapter:
             model = adapters.load_adapter(model, cfg.adapter)
-            record.body["adapter"] = {"path": str(cfg.adapter), **adapters.about(cfg.adapter)}
+            record.section("adapter", {"path": str(cfg.adapter), **adapters.about(cfg.adapter)})
         model = place(model, cfg)
         model.config.use_cache = True
         record.metrics(evaluate_task(model, tokenizer, eval_sets, cfg))

@@ -19,7 +19,9 @@ from eva_bench import protocol
 from eva_bench.adapters import save_adapter
 from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
+from eva_bench.recipe import (
+    RunContext, build, calibration_draw, data_order, initialize_from_config, place, seed_everything,
+)
 from eva_bench.train import OptimConfig, fit
 from tasks.language import answers
 from tasks.language import data as language_data
@@ -33,8 +35,8 @@ def context(cfg: DictConfig) -> RunContext:
 
 def run(cfg: DictConfig) -> dict:
     ctx = context(cfg)
-    if ctx.finished():
-        return ctx.existing()
+    if (record := ctx.existing_or_claim()) is not None:
+        return record
     cfg, selection = protocol.prepare(cfg, ctx, run)  # tuned: selection runs first (recorded, reused)
     with ctx.recording(selection) as record:  # records the lr selection; pins torch's threads
         seed_everything(cfg.seed)
@@ -60,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
 
         # train: the shared loop; every epoch reshuffles with a generator seeded by (seed, epoch)
         def epoch_batches(epoch: int):
-            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            order = torch.randperm(len(features), generator=data_order(cfg.seed, epoch))
             for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch
                 yield language_data.collate([features[j] for j in order[i : i + batch_size]], pad_id)
 
@@ -135,7 +137,7 @@ def lm_calibration(batches: list[dict], dataset_size: int | None = None) -> Cali
 def calibration_batches(features, cfg, pad_id: int, seed: int) -> list[dict]:
     """``cfg.batches`` batches drawn without replacement from the training split by a generator seeded by ``seed``."""
     needed = cfg.batches * cfg.batch_size
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(10_007 + seed))[:needed]
+    order = torch.randperm(len(features), generator=calibration_draw(seed))[:needed]
     chosen = [features[i] for i in order]
     return [language_data.collate(chosen[i : i + cfg.batch_size], pad_id) for i in range(0, len(chosen), cfg.batch_size)]
 

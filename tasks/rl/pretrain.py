@@ -22,7 +22,7 @@ from eva_bench import distributed
 from eva_bench.artifacts import BUILD_THREADS, dataset_content_hash, machine, pinned_threads, sha256_file
 from eva_bench.assets import cache_dir, local_folder
 from eva_bench.locks import exclusive
-from eva_bench.recipe import seed_everything
+from eva_bench.recipe import data_order, seed_everything
 from eva_bench.train import OptimConfig, fit
 from tasks.rl import data as rl_data
 from tasks.rl import envs, models
@@ -162,7 +162,7 @@ def random_batches(windows: SequenceDataset, batch_size: int, steps: int, seed: 
     """``batches(epoch)`` for ``fit``: ``steps`` batches of windows drawn with replacement, seeded by (seed, epoch)."""
 
     def batches(epoch: int):
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        g = data_order(seed, epoch)
         for _ in range(steps):
             yield windows.batch(torch.randint(len(windows), (batch_size,), generator=g).tolist())
 

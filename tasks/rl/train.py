@@ -21,7 +21,7 @@ from eva_bench import protocol
 from eva_bench.artifacts import dataset_content_hash
 from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, initialize_from_config, place, seed_everything
+from eva_bench.recipe import RunContext, calibration_draw, initialize_from_config, place, seed_everything
 from eva_bench.train import OptimConfig, fit
 from tasks.rl import data as rl_data
 from tasks.rl import envs, models
@@ -40,8 +40,8 @@ def context(cfg: DictConfig) -> RunContext:
 
 def run(cfg: DictConfig) -> dict:
     ctx = context(cfg)
-    if ctx.finished():
-        return ctx.existing()
+    if (record := ctx.existing_or_claim()) is not None:
+        return record
     cfg, selection = protocol.prepare(cfg, ctx, run, metric=VALIDATION_METRIC)  # tuned: selection runs first
     with ctx.recording(selection) as record:  # records the lr selection; pins torch's threads
         # build: the pretrained DT (cached by config hash) and the held-out task's expert data in its input convention
@@ -54,18 +54,18 @@ def run(cfg: DictConfig) -> dict:
         episodes = rl_data.load_episodes(dataset, envs.make(task, spec.max_episode_steps))
         # which builds: the checkpoint's weights and every dataset by content hash (a rebuild on another kind of CPU
         # can differ in the last bits, so records are comparable run to run only on the same artifacts)
-        record.body["artifacts"] = {
+        record.section("artifacts", {
             "checkpoint": {k: meta[k] for k in ("path", "weights_sha256", "threads", "machine")},
             "pretrain_datasets": meta["datasets"],
             "finetune_dataset": {"id": spec.dataset_id, "content_sha256": dataset_content_hash(dataset)},
-        }
+        })
         # tuned protocol: a selection run trains on the episodes minus validation_size held-out ones, scored on those
         episodes, validation = protocol.split(cfg, episodes)
         windows = SequenceDataset(episodes, cfg.model.context, cfg.task.return_scale, normalizer=meta["normalizer"])
         target_return = max(float(ep.rewards.sum()) for ep in episodes)  # condition rollouts on the data's best
 
         # initialize: the same seeded calibration windows for every data-driven method
-        draw = torch.Generator().manual_seed(10_007 + cfg.seed)
+        draw = calibration_draw(cfg.seed)
         calibration = Calibration(
             batches=[windows.batch(torch.randint(len(windows), (cfg.calibration.batch_size,), generator=draw).tolist())
                      for _ in range(cfg.calibration.batches)],
@@ -110,9 +110,9 @@ def run(cfg: DictConfig) -> dict:
             # the pretrained policy on its own (MT) tasks, when the checkpoint says (a foreign one may not)
             **({"pretrain/success_rate": meta["success_rate"]} if "success_rate" in meta else {}),
         })
-        record.body["rollout_errors"] = out["error_messages"]
-        record.body["pretrain"] = {k: v for k, v in meta.items()
-                                   if k not in ("normalizer", "state_mean", "state_std", "datasets", "path")}
+        record.section("rollout_errors", out["error_messages"])
+        record.section("pretrain", {k: v for k, v in meta.items()
+                                    if k not in ("normalizer", "state_mean", "state_std", "datasets", "path")})
         return record.finish("success")
 
 

@@ -18,7 +18,9 @@ from omegaconf import DictConfig
 from eva_bench import protocol
 from eva_bench.checks import check_command_line
 from eva_bench.init import Calibration
-from eva_bench.recipe import RunContext, build, initialize_from_config, place, seed_everything
+from eva_bench.recipe import (
+    RunContext, build, calibration_draw, data_order, initialize_from_config, place, seed_everything,
+)
 from eva_bench.train import OptimConfig, fit
 from tasks.vision.data import task_group
 from tasks.vision.models import accuracy_and_nll, classification_loss
@@ -33,15 +35,15 @@ def context(cfg: DictConfig) -> RunContext:
 
 def run(cfg: DictConfig) -> dict:
     ctx = context(cfg)
-    if ctx.finished():
-        return ctx.existing()
+    if (record := ctx.existing_or_claim()) is not None:
+        return record
     cfg, selection = protocol.prepare(cfg, ctx, run)  # tuned: selection runs first (recorded, reused)
     with ctx.recording(selection) as record:  # records the lr selection; pins torch's threads
         seed_everything(cfg.seed)
 
         # build: the pretrained backbone (cached) and the task's images, prepared for it (size, channels, norm)
         backbone = build(cfg.model.load)
-        record.body["backbone"] = backbone.info  # which weights: the cached build's SHA-256, or the hub id
+        record.section("backbone", backbone.info)  # which weights: the cached build's SHA-256, or the hub id
         task = build(cfg.task.load)
         train_images, test_images = backbone.prepare(task.train_images), backbone.prepare(task.test_images)
         model = backbone.model
@@ -67,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
 
         # train: the shared loop; every epoch reshuffles with a generator seeded by (seed, epoch)
         def epoch_batches(epoch: int):
-            order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))]
+            order = train_idx[torch.randperm(len(train_idx), generator=data_order(cfg.seed, epoch))]
             for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch
                 idx = order[i : i + batch_size]
                 yield {"images": train_images[idx], "labels": task.train_labels[idx]}
@@ -101,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
 def calibration_batches(images, labels, train_idx, cfg, seed: int) -> list[dict]:
     """``cfg.batches`` batches drawn without replacement from the training split, seeded by ``seed``."""
     needed = min(cfg.batches * cfg.batch_size, len(train_idx))
-    chosen = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(10_007 + seed))[:needed]]
+    chosen = train_idx[torch.randperm(len(train_idx), generator=calibration_draw(seed))[:needed]]
     return [{"images": images[chosen[i : i + cfg.batch_size]], "labels": labels[chosen[i : i + cfg.batch_size]]}
             for i in range(0, len(chosen), cfg.batch_size)]
 
