@@ -10,7 +10,7 @@ from eva_bench.init import INITS
 from eva_bench.recipe import check_domain
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "base"))  # base/: shared
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 
@@ -88,3 +88,15 @@ def test_a_recipe_rejects_another_task_modules_options(primary, foreign):
     check_domain(compose_language([], primary), primary)  # its own defaults pass
     with pytest.raises(ValueError, match=f"the {primary} recipe needs"):
         check_domain(compose_language([foreign], primary), primary)
+
+
+def test_the_shared_run_block_is_in_every_recipe_and_not_repeated():
+    """conf/base/run.yaml's keys reach all three recipes' configs, and no primary config defines them again."""
+    import yaml
+
+    shared = yaml.safe_load((CONF / "base" / "run.yaml").read_text())
+    for primary in ("language", "vision", "rl"):
+        own = yaml.safe_load((CONF / f"{primary}.yaml").read_text())
+        assert "base/run" in own["defaults"] and not set(shared) & set(own), primary
+        cfg = compose_language(primary=primary)
+        assert all(key in cfg for key in shared if key != "hydra") and cfg.hydra.job.chdir is False
