@@ -79,7 +79,8 @@ define reproduce
 	fi; exit $$status
 endef
 
-# The language table sweep (CPU default: stories260K, 48 runs, ~20 min on 2 cores).
+# The language table sweep (CPU default: stories260K, 48 runs, ~14 min on 2 idle cores, as the README measured;
+# DRY_RUN=1 estimates it from the committed records' times).
 reproduce-language: $(STAMP)
 	$(call reproduce,tasks.language.train,$(EXPERIMENT))
 
