@@ -198,7 +198,8 @@ class RunContext:
         leader = distributed.rank() == 0  # the other ranks of a torchrun job neither lock, log nor write
         logger = dict(self.config.get("logger") or {}) if leader else {}
         kind = logger.pop("kind", "none")
-        grouping = labels(self.run, self.config, logger.pop("tags", ()))  # W&B's group, job type and tags
+        tags = logger.pop("tags", ())
+        grouping = labels(self.run, self.config, tags) if kind == "wandb" else {}  # W&B's group, job type and tags
         tracker = make_tracker(kind, name=self.path.stem, config=self.config, **grouping, **logger)
         set_threads(self.config.get("threads"))
         if torch.cuda.is_available():
