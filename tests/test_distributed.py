@@ -48,7 +48,7 @@ def init_both(batches) -> dict:
     """EVA components and LoRA-DA factors and adapters on ``batches`` (this process's share, or all of them)."""
     from eva_bench.init import find_targets, initialize
     from eva_bench.init.lora_da import _statistics
-    from tests.conftest import lm_calibration, tiny_llama
+    from tests.helpers import lm_calibration, tiny_llama
 
     calibration = lm_calibration(batches)
     eva_model, eva_report = initialize(tiny_llama(), "eva", rank=2, alpha=4, target_modules=TARGETS,
@@ -92,7 +92,7 @@ def worker(out: Path) -> None:
 
     # a few DDP steps from the LoRA-DA adapters; every rank iterates the same global batches and takes its slice
     from eva_bench.init import initialize
-    from tests.conftest import lm_calibration, tiny_llama
+    from tests.helpers import lm_calibration, tiny_llama
 
     torch.manual_seed(rank)  # each rank draws different random adapters: DDP must start them all from rank 0's
     model, _ = initialize(tiny_llama(), "random", rank=2, alpha=4, target_modules=TARGETS,

@@ -8,7 +8,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from eva_bench.init import INITS, Calibration, InitError, find_targets, initialize
-from tests.conftest import lm_calibration, tiny_llama, token_batches
+from tests.helpers import lm_calibration, tiny_llama, token_batches
 
 
 def lora_layers(peft_model):

@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraLayer
 
 from eva_bench.init import initialize
 from eva_bench.init import cache as stats_cache
-from tests.conftest import lm_calibration, tiny_llama, token_batches
+from tests.helpers import lm_calibration, tiny_llama, token_batches
 
 
 @pytest.fixture(autouse=True)

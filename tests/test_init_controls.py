@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from eva_bench.init import INITS, Calibration, InitError, initialize
-from tests.conftest import lm_calibration, tiny_llama, token_batches
+from tests.helpers import lm_calibration, tiny_llama, token_batches
 
 
 def run(method, model=None, rho=2.0, seed=0, **params):

@@ -12,7 +12,7 @@ from torch import nn
 
 from eva_bench.init import Calibration, initialize
 from eva_bench.init.eva_pca import lowrank_eigh
-from tests.conftest import lm_calibration, tiny_llama, token_batches
+from tests.helpers import lm_calibration, tiny_llama, token_batches
 
 VIT_TARGETS = r".*blocks.*(qkv|proj|fc1|fc2)$"
 

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from eva_bench.init import Calibration, InitError, initialize
 from eva_bench.init import lora_da as lora_da_module
-from tests.conftest import lm_calibration, tiny_llama, token_batches
+from tests.helpers import lm_calibration, tiny_llama, token_batches
 
 IN, OUT = 16, 8
 

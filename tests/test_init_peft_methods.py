@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from eva_bench.init import INITS, Calibration, find_targets, initialize
-from tests.conftest import lm_calibration, tiny_llama, token_batches
+from tests.helpers import lm_calibration, tiny_llama, token_batches
 from tests.test_init_svd import (
     ALPHA,
     IDS,

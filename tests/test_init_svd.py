@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from eva_bench.init import INITS, Calibration, find_targets, initialize
 from eva_bench.init.svd import refresh_dora_magnitude
-from tests.conftest import lm_calibration, tiny_llama, token_batches
+from tests.helpers import lm_calibration, tiny_llama, token_batches
 
 R, ALPHA = 4, 8  # s = alpha / r = 2: a scale that is not 1, so a missing s shows
 

@@ -124,7 +124,7 @@ def test_a_second_job_with_the_same_run_id_waits_then_skips(tmp_path, capsys):
 
 RACER = textwrap.dedent("""
     import sys, torch
-    from tests.conftest import tiny_llama, token_batches, lm_calibration
+    from tests.helpers import tiny_llama, token_batches, lm_calibration
     from eva_bench.init import initialize
     model, report = initialize(tiny_llama(), "eva", rank=2, alpha=4, target_modules=["q_proj", "v_proj"],
                                calibration=lm_calibration(token_batches(3)))
