@@ -170,3 +170,10 @@ def test_a_timm_vit_saved_to_a_folder_loads_offline_and_trains(tmp_path, monkeyp
                                                           "model.load.image_size=28"])
     with pytest.raises(MissingAssetError, match="no such directory"):
         build(missing.model.load)
+
+
+def test_a_dataset_its_loader_does_not_have_fails_before_any_record(tmp_path):
+    """dsprites_orientation is a hub VTAB task: the CPU default's loader does not have it (a failed record before)."""
+    with pytest.raises(ValueError, match="unknown vision task 'dsprites_orientation' for tasks.vision.data.cpu_task"):
+        run(compose_vision(tmp_path, "task.dataset=dsprites_orientation"))
+    assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.lock"))

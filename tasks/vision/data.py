@@ -259,6 +259,15 @@ def task_group(dataset: str) -> str:
     raise ValueError(f"unknown vision task {dataset!r}; valid: {', '.join([*CPU_TASKS, *VTAB])}")
 
 
+def check_dataset(load) -> None:
+    """A dataset its loader does not have (a hub VTAB name given to the CPU default's loader): an error at the run's
+    plan, before any record, instead of a failed record once the run has started."""
+    valid = {"tasks.vision.data.cpu_task": CPU_TASKS, "tasks.vision.data.vtab_task": VTAB}.get(load.get("_target_"))
+    if valid is not None and load.get("dataset") not in valid:
+        raise ValueError(f"unknown vision task {load.get('dataset')!r} for {load['_target_']}; valid: "
+                         f"{', '.join(valid)}")
+
+
 def vtab_task(dataset: str, image_size: int, train_size: int = VTAB_TRAIN_SIZE, test_size: int | None = None,
               seed: int = 0, revision: str | None = None) -> ImageTask:
     """A VTAB-1K task from the hub: ``train_size`` seeded training images (VTAB-1K: 800 + 200), the test split, all

@@ -22,13 +22,14 @@ from eva_bench.recipe import (
     RunContext, build, calibration_draw, data_order, initialize_from_config, place, seed_everything,
 )
 from eva_bench.train import OptimConfig, fit
-from tasks.vision.data import task_group
+from tasks.vision.data import check_dataset, task_group
 from tasks.vision.models import accuracy_and_nll, classification_loss
 
 
 def context(cfg: DictConfig) -> RunContext:
     """This run's record: its keys and path (the sweeper asks too, to launch only unfinished runs); tables average
     within VTAB groups."""
+    check_dataset(cfg.task.load)  # before any record: a dataset the task's loader does not have
     return RunContext.from_config(cfg, "vision", task=cfg.task.name, model=cfg.model.name,
                                   task_group=task_group(cfg.task.name))
 
