@@ -126,7 +126,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
-def local_folder(name: str) -> Path | None:
+def local_folder(name: str, key: str = "model.load.name") -> Path | None:
     """``name`` as a local folder when it is one (a saved model: ``save_pretrained``'s output); None for a hub id.
     A name written as a path (``/``, ``./``, ``../`` or ``~`` first) that is not a folder is an error saying so, not a
     hub lookup."""
@@ -134,8 +134,8 @@ def local_folder(name: str) -> Path | None:
     if path.is_dir():
         return path
     if str(name).startswith(("/", "./", "../", "~")):
-        raise MissingAssetError(f"no such directory: {path} (model.load.name is read as a local folder because it "
-                                f"is written as a path; a hub id looks like 'org/name')")
+        raise MissingAssetError(f"no such directory: {path} ({key} is read as a local folder because it is written "
+                                f"as a path; a hub id looks like 'org/name')")
     return None
 
 
@@ -145,8 +145,6 @@ def require_hub(repo_id: str, revision: str | None = None, repo_type: str = "mod
     Without this, an offline ``from_pretrained`` on a missing id fails deep inside transformers (or, with the hub
     unreachable but not declared offline, hangs ~30 s per retry).
     """
-    if local_folder(repo_id) is not None:
-        return  # a saved model on disk: no hub involved, online or not
     if not hub_offline():
         return
     from huggingface_hub import try_to_load_from_cache

@@ -158,7 +158,7 @@ def _collect(node, prefix: str, into: set) -> None:
 
 def unknown_keys(config: dict) -> list[tuple[str, list[str]]]:
     """(key, the valid keys beside it) for every key of ``config`` that nothing defines (module docstring)."""
-    domain = (config.get("model") or {}).get("domain", "language")  # as recipe.check_domain, which runs first
+    domain = domain_of(config.get("model") or {})  # as recipe.check_domain, which runs first
     known = known_keys(domain if (CONF / f"{domain}.yaml").exists() else None)
     out: list[tuple[str, list[str]]] = []
 
@@ -294,7 +294,7 @@ def domain_problem(cfg: DictConfig, group: str, domain: str) -> str | None:
     """Why ``cfg``'s ``group`` option cannot serve a ``domain`` recipe (None when it can): the option as the user
     typed it, its domain and the options that fit."""
     node = cfg[group]
-    found = node.get("domain", "language")
+    found = domain_of(node)
     if found == domain:
         return None
     valid = [stem for stem, option in group_options(group).items() if domain_of(option) == domain]

@@ -115,7 +115,8 @@ def fit(
     result = FitResult(status="success", optimizer_steps=0, seconds=0.0, examples=0)
     running, running_n, seen = 0.0, 0, 0  # running: a device tensor once a loss arrives
     start = time.perf_counter()
-    bar, console = _progress_bar(total_steps)
+    console = contextlib.ExitStack()  # the progress bar and its console redirection, when there is one
+    bar = _progress_bar(total_steps, console)
     try:
         for epoch in range(math.ceil(optim.epochs)):
             for batch in batches(epoch):
@@ -168,26 +169,24 @@ def fit(
         result.final_loss = float("nan")
         log.warning(f"fit: run diverged: {error}")
     finally:
-        if bar is not None:
-            bar.close()
-            console.close()
+        console.close()
         result.seconds = time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
         model.eval()
     return result
 
 
-def _progress_bar(total_steps: int):
-    """(bar, its console redirection): a bar over optimizer steps (loss, lr and ETA) when a person watches a terminal;
-    None in a log file, a sweep worker or another rank, where the step lines every ``log_every`` are the progress."""
-    console = contextlib.ExitStack()
+def _progress_bar(total_steps: int, console: contextlib.ExitStack):
+    """A bar over optimizer steps (loss, lr and ETA), closed with ``console``, when a person watches a terminal; None
+    in a log file, a sweep worker or another rank, where the step lines every ``log_every`` are the progress."""
     if distributed.rank() != 0 or not sys.stderr.isatty():
-        return None, console
+        return None
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     console.enter_context(logging_redirect_tqdm())  # the step lines print above the bar instead of through it
-    return tqdm(total=total_steps, unit="step", desc="training", leave=False, dynamic_ncols=True), console
+    return console.enter_context(tqdm(total=total_steps, unit="step", desc="training", leave=False,
+                                      dynamic_ncols=True))
 
 
 def _data_parallel(model: nn.Module, params: list[nn.Parameter]) -> nn.Module:

@@ -87,29 +87,32 @@ def _read_rows(relpath: str) -> list[tuple[str, dict[str, Any]]]:
     ``relpath``: under the data root, or an absolute (or ``~``) path."""
     path = asset(Path(relpath).expanduser())
     with open(path, encoding="utf-8", newline="") as fh:
-        if path.suffix == ".csv":  # a header row names the fields; line numbers count it
-            rows = [(f"{path}, line {n}", row) for n, row in enumerate(csv.DictReader(fh), 2)]
-            check_documented_rows(relpath, len(rows))
-            return rows
-        if path.suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{path}, line {n}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {n}: not a JSON row ({error.msg})") from None
-            check_documented_rows(relpath, len(rows))
-            return rows
-        try:
-            items = json.load(fh)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: not JSON ({error.msg}, line {error.lineno})") from None
+        if path.suffix == ".csv":  # a header row names the fields
+            reader = csv.DictReader(fh)
+            rows = [(f"{path}, line {reader.line_num}", row) for row in reader]
+        elif path.suffix == ".jsonl":
+            rows = [(f"{path}, line {n}", _json_row(line, path, n)) for n, line in enumerate(fh, 1) if line.strip()]
+        else:
+            rows = [(f"{path}, item {n}", row) for n, row in enumerate(_json_list(fh, path), 1)]
+    check_documented_rows(relpath, len(rows))
+    return rows
+
+
+def _json_row(line: str, path, n: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {n}: not a JSON row ({error.msg})") from None
+
+
+def _json_list(fh, path) -> list:
+    try:
+        items = json.load(fh)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of rows, found a {type(items).__name__}")
-    check_documented_rows(relpath, len(items))
-    return [(f"{path}, item {n}", row) for n, row in enumerate(items, 1)]
+    return items
 
 
 def _examples(rows: list[tuple[str, dict[str, Any]]], make) -> list[Example]:

@@ -255,14 +255,15 @@ def from_hub(name: str, revision: str | None = None, dtype: str = "bfloat16", at
     """(model, tokenizer) for a Hugging Face hub id at a pinned revision, or a local folder (``save_pretrained``'s
     output: model and tokenizer). Hydra target.
 
-    ``require_hub`` runs first so that an offline machine gets one clear error instead of a failure (or a long
-    retry loop) deep inside transformers.
+    For a hub id ``require_hub`` runs first, so that an offline machine gets one clear error instead of a failure
+    (or a long retry loop) deep inside transformers; a folder loads offline.
     """
-    require_hub(name, revision)  # a local folder passes: it loads offline
+    folder = local_folder(name)
+    if folder is not None:
+        name, revision = str(folder), None  # a folder has no revisions; ~ expanded for transformers
+    else:
+        require_hub(name, revision)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if local_folder(name) is not None:
-        name, revision = str(local_folder(name)), None  # a folder has no revisions; ~ expanded for transformers
 
     model = AutoModelForCausalLM.from_pretrained(
         name, revision=revision, dtype=_torch_dtype(dtype), attn_implementation=attn_implementation

@@ -15,7 +15,6 @@ import argparse
 import itertools
 import math
 
-import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -115,5 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()

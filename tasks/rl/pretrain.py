@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eva_bench import distributed
 from eva_bench.artifacts import BUILD_THREADS, dataset_content_hash, machine, pinned_threads, sha256_file
-from eva_bench.assets import cache_dir, local_folder
+from eva_bench.assets import MissingAssetError, cache_dir, local_folder
 from eva_bench.locks import exclusive
 from eva_bench.recipe import data_order, seed_everything
 from eva_bench.train import OptimConfig, fit
@@ -92,7 +92,9 @@ def local_checkpoint(name: str, env):
     not the task's, is an error here."""
     from transformers import DecisionTransformerModel
 
-    folder = local_folder(str(name) if str(name).startswith(("/", "./", "../", "~")) else f"./{name}")
+    folder = local_folder(name, key="model.checkpoint")
+    if folder is None:
+        raise MissingAssetError(f"model.checkpoint: no such directory: {name}")
     meta_file = folder / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if not {"state_mean", "state_std"} <= set(meta) or not (folder / "config.json").is_file():
