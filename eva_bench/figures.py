@@ -71,11 +71,6 @@ def load(results_dir: str | Path, name: str) -> Experiment:
     return Experiment(name, frame, records, selection)
 
 
-def experiments(results_dir: str | Path) -> list[str]:
-    """Folders of ``results_dir`` holding records (not tables/, figures/, report/ or paper/)."""
-    return sorted(p.name for p in Path(results_dir).iterdir() if p.is_dir() and any(p.glob("*.json")))
-
-
 def color(method: str) -> str:
     from .init import INITS
 
@@ -407,7 +402,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bench", type=Path, default=BENCH_DIR, help="the bench records (init-*.json)")
     args = parser.parse_args(argv)
     out = args.out or args.results / "figures"
-    for experiment in args.experiment or experiments(args.results):
+    for experiment in args.experiment or tables.experiments(args.results):
         for path in write_experiment(args.results, experiment, out):
             print(f"wrote {path}")
     if not args.experiment:  # the bench figure belongs to no experiment: drawn with the full set

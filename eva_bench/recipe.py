@@ -229,17 +229,15 @@ class Recorder:
         """A top-level section of the record beyond the shared ones (vision: ``backbone``; RL: ``artifacts``)."""
         self.body[name] = value
 
-    def log(self, metrics: dict, step: int | None = None) -> None:
-        self.tracker.log(metrics, step)
-
     def log_train(self, step: int, loss: float, details: dict) -> None:
         """``fit``'s ``on_log``: the loss since the last log line, the step's lr and gradient norm."""
         self.tracker.log({"train/loss": loss, **{f"train/{k}": v for k, v in details.items()}}, step)
 
     def init(self, report) -> None:
         ranks = [r for r in (report.ranks or {}).values() if isinstance(r, (int, float))]
-        shape = f"ranks {min(ranks)}/{sum(ranks) / len(ranks):.1f}/{max(ranks)} (min/mean/max) over {len(ranks)} layers" \
-            if ranks else "no adapted layers"
+        spread = {"rank_min": min(ranks), "rank_mean": sum(ranks) / len(ranks), "rank_max": max(ranks)} if ranks else {}
+        shape = (f"ranks {spread['rank_min']}/{spread['rank_mean']:.1f}/{spread['rank_max']} (min/mean/max) over "
+                 f"{len(ranks)} layers") if ranks else "no adapted layers"
         log.info(f"init {report.method}: {shape}, {report.calibration_batches} calibration batches, "
                  f"{report.seconds:.1f} s")
         self.body["init_report"] = report.to_dict()
@@ -250,8 +248,7 @@ class Recorder:
                 for layer, rank in (report.ranks or {}).items()]
         self.tracker.table("init/layers", ["layer", "rank", "scaling", "explained_variance"], rows)
         self.tracker.summary({"init/method": report.method, "init/seconds": report.seconds,
-                              **({"init/rank_min": min(ranks), "init/rank_mean": sum(ranks) / len(ranks),
-                                  "init/rank_max": max(ranks)} if ranks else {})})
+                              **{f"init/{k}": v for k, v in spread.items()}})
 
     def protocol(self, selection: dict | None) -> None:
         """The tuned protocol's lr selection (grid scores, chosen lr); nothing under the fixed protocol."""

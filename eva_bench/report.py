@@ -236,7 +236,7 @@ def build(results_dir: Path, out_dir: Path, figures_dir: Path | None = None, tab
     tables_dir = Path(tables_dir or results_dir / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "style.css").write_text(STYLE.lstrip())  # one stylesheet beside the pages, which all sit in out_dir
-    loaded = [figures.load(results_dir, name) for name in names or figures.experiments(results_dir)]
+    loaded = [figures.load(results_dir, name) for name in names or tables.experiments(results_dir)]
     loaded = [e for e in loaded if len(e.frame)]
     written = []
     for exp in loaded:

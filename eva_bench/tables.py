@@ -319,8 +319,9 @@ def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.Da
     out.round(6).to_csv(path, index=False)
 
 
-def experiments(results_dir: Path) -> list[str]:
-    return sorted(p.name for p in results_dir.iterdir() if p.is_dir() and any(p.glob("*.json")))  # not tables/, figures/
+def experiments(results_dir: str | Path) -> list[str]:
+    """Folders of ``results_dir`` holding records (not tables/, figures/, report/ or paper/)."""
+    return sorted(p.name for p in Path(results_dir).iterdir() if p.is_dir() and any(p.glob("*.json")))
 
 
 def main(argv=None) -> None:

@@ -12,12 +12,12 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from eva_bench import figures, report, results
+from eva_bench import figures, report, results, tables
 from tests.test_figures import write_demo
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
-EXPERIMENTS = figures.experiments(RESULTS)
+EXPERIMENTS = tables.experiments(RESULTS)
 INSTALL = "`make test-report` installs them (Debian's chromium and chromium-driver) and runs this test"
 
 
