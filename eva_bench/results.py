@@ -2,8 +2,8 @@
 
 Path: ``<results_dir>/<experiment>/<task>--<model>--<init>--r<rank>--s<seed>--<config hash>.json``. The hash covers
 the whole run config but ``IGNORED_FOR_HASH`` (seed, which the name carries, and bookkeeping: force, logging, paths,
-threads, device, save_adapter), so a changed config never overwrites or masquerades as an old result. The experiment
-name is in the config, so it is in the hash: a run is identified within its experiment, and the same settings in two
+threads, device, save_adapter, a variant's label), so a changed config never overwrites or masquerades as an old
+result. The experiment name is in the config, so it is in the hash: a run is identified within its experiment, and the same settings in two
 experiments (language_cpu and language_cpu_controls share their random runs) have two ids; compare them by config. A sweep restarted after a kill skips every finished run (success or
 diverged: both are results) and reruns failed or missing ones; a write is a rename, so a kill leaves no half file.
 
@@ -42,7 +42,8 @@ RUN_KEYS = {"experiment": str, "task": str, "model": str, "init": str, "rank": i
 RECORD_MODE = 0o644  # teammates on a shared cluster read each other's records
 PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core", "minari", "metaworld", "wandb")
 LR_ROW = "lr*"  # the learning rate the tuned protocol selected, shown as a table row
-IGNORED_FOR_HASH = ("seed", "force", "logger", "results_dir", "hydra", "threads", "device", "save_adapter")  # bookkeeping, not the result
+IGNORED_FOR_HASH = (  # bookkeeping, not the result (variant: a label; the settings it names are hashed themselves)
+    "seed", "force", "logger", "results_dir", "hydra", "threads", "device", "save_adapter", "variant")
 
 
 def config_hash(config: dict) -> str:
@@ -274,7 +275,8 @@ def load_records(results_dir: str | Path, experiment: str | None = None) -> pd.D
     paths = sorted((root / experiment).glob("*.json") if experiment else root.glob("*/*.json"))
     rows, invalid = [], []
     for path, record in _valid_records(paths, invalid):
-        row = {**record["run"], "status": record["status"], "finished_at": record.get("finished_at"), "path": str(path)}
+        row = {**record["run"], "status": record["status"], "finished_at": record.get("finished_at"), "path": str(path),
+               "variant": (record.get("config") or {}).get("variant")}
         row.update({f"metric.{k}": v for k, v in (record.get("metrics") or {}).items()})
         if (record.get("protocol") or {}).get("selected_lr") is not None:  # tuned protocol: the tables' lr* row
             row[f"metric.{LR_ROW}"] = record["protocol"]["selected_lr"]
