@@ -63,6 +63,8 @@ RULES = {  # dotted key -> (what it must be, test)
     "data.steps": integer_at_least(1),
     "calibration.batches": integer_at_least(1),
     "calibration.batch_size": integer_at_least(1),
+    "calibration.source": ("null, random_tokens or a data config with _target_",
+                           lambda v: v is None or v == "random_tokens" or (isinstance(v, dict) and "_target_" in v)),
     "task.train.limit": optional(integer_at_least(1)),  # 0 examples would train nothing
     "task.eval_limit": optional(integer_at_least(1)),  # 0 examples would score nothing, after the training
     "optim.lr": number_above(0),

@@ -44,11 +44,17 @@ PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core",
 LR_ROW = "lr*"  # the learning rate the tuned protocol selected, shown as a table row
 IGNORED_FOR_HASH = (  # bookkeeping, not the result (variant: a label; the settings it names are hashed themselves)
     "seed", "force", "logger", "results_dir", "hydra", "threads", "device", "save_adapter", "variant")
+ADDED_LATER = {("calibration", "source"): None}  # keys added after records were committed: at this default they
+# are left out of the hash, so those records keep their ids
 
 
 def config_hash(config: dict) -> str:
     """Short hash of the run config but seed and bookkeeping (``IGNORED_FOR_HASH``); the experiment name is in it."""
     relevant = {k: v for k, v in config.items() if k not in IGNORED_FOR_HASH}
+    for (section, key), default in ADDED_LATER.items():
+        block = relevant.get(section)
+        if isinstance(block, dict) and key in block and block[key] == default:
+            relevant[section] = {k: v for k, v in block.items() if k != key}
     if (relevant.get("protocol") or {}).get("name", "fixed") == "fixed":  # the default: records from before
         relevant.pop("protocol", None)  # protocols existed keep their ids
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -35,6 +35,7 @@ def module_of(experiment: str) -> str:
     ("lora.r=0", "lora.r=0"),
     ("optim.warmup_ratio=1.0", "optim.warmup_ratio=1.0"),
     ("calibration.batches=0", "calibration.batches=0"),
+    ("calibration.source=random", "calibration.source='random'"),  # random_tokens, null or a data config
     ("optim.epochs=true", "optim.epochs=True"),
 ])
 def test_each_bad_value_is_named_before_the_record_is_located(tmp_path, override, key):

@@ -7,6 +7,10 @@ asks the recipe where that run's record lives (its module's ``context(cfg)``, th
 launches only the runs without a finished record: missing and failed ones. A run in flight elsewhere is launched
 again and waits on its record's lock (eva_bench/recipe.py). ``force=true`` launches everything.
 
+``grids`` makes a sweep the union of several grids, each crossed with ``params``: an ablation runs random once
+and EVA at each rho, instead of crossing random with every rho (a grid's key replaces the same key of ``params``; the
+command line narrows them all). A grid's own settings name its runs' ``variant`` (``rho=1.5``) in tables.
+
 Before launching it prints a plan: runs to launch, runs already finished, and an estimated wall time from the
 committed reference records' run times and the launcher's parallelism (``dry_run: true`` stops there). While the
 sweep runs it watches the planned records and prints "k of N" with the elapsed time and an ETA as each one lands.
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import CompactHydraException
 from omegaconf import open_dict
@@ -39,8 +44,11 @@ log = logging.getLogger(__name__)
 
 class SkipFinishedSweeper(BasicSweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
-                 dry_run: bool = False, reference: str | None = None, progress_every: float = 5.0) -> None:
+                 grids: list[dict[str, str]] | None = None, dry_run: bool = False, reference: str | None = None,
+                 progress_every: float = 5.0) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
+        self.grids = [dict(grid) for grid in grids or []]
+        self.arguments: list[str] = []
         self.context = None
         self.dry_run = dry_run
         self.reference = reference
@@ -59,6 +67,7 @@ class SkipFinishedSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         slurm = is_slurm(self.config.hydra.launcher)
+        self.arguments = list(arguments)  # the command line's overrides, applied after a grid's
         try:
             return super().sweep(arguments)
         except Exception as error:
@@ -72,7 +81,7 @@ class SkipFinishedSweeper(BasicSweeper):
                 self.watcher.stop()
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        every = BasicSweeper.split_arguments(overrides, None)[0]
+        every = self._every_job(overrides)
         contexts = [self._context(job) for job in every]
         todo = [(job, ctx) for job, ctx in zip(every, contexts) if ctx is not None]
         log.info(f"{len(every) - len(todo)} of {len(every)} runs have a finished record: launching {len(todo)}")
@@ -83,6 +92,27 @@ class SkipFinishedSweeper(BasicSweeper):
         self.watcher.start()
         jobs = [job for job, _ in todo]
         return [list(chunk) for chunk in BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size)]
+
+    def _every_job(self, overrides: list[Override]) -> list[list[str]]:
+        """Every run of the sweep: the cross product of ``overrides`` (params, then the command line), or with
+        ``grids`` the union of each grid's cross product. Jobs keep the first key outermost across grids (the
+        experiments sweep seed first, so seed 0's selection runs go before the seeds that reuse them)."""
+        if not self.grids:
+            return BasicSweeper.split_arguments(overrides, None)[0]
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        from_command_line = overrides[len(overrides) - len(self.arguments):] if self.arguments else []
+        from_params = overrides[: len(overrides) - len(from_command_line)]
+        jobs = []
+        for grid in self.grids:
+            from_grid = parser.parse_overrides([f"{key}={value}" for key, value in grid.items()])
+            for job in BasicSweeper.split_arguments([*from_params, *from_grid, *from_command_line], None)[0]:
+                job = job + variant_label(job, grid, self.params)
+                if job not in jobs:  # grids that overlap (or a command line that narrows them) run a job once
+                    jobs.append(job)
+        first_seen = {}
+        for job in jobs:
+            first_seen.setdefault(job[0], len(first_seen))
+        return sorted(jobs, key=lambda job: first_seen[job[0]])  # stable: each grid's order within a seed
 
     def validate_batch_is_legal(self, batch) -> None:
         """Nothing to do: ``split_arguments`` already composed every run's config (Hydra's check would compose each
@@ -143,6 +173,17 @@ class SkipFinishedSweeper(BasicSweeper):
         if "LocalLauncher" in self._launcher_name():
             return runs
         return 1
+
+
+def variant_label(job: list[str], grid: dict, params: dict) -> list[str]:
+    """The override naming a grid's job in tables and figures (``variant='rho=1.5'``): the grid's own settings but
+    its init (the column already says it), as ``leaf=value``; none when the grid sets ``variant`` or adds nothing."""
+    own = [key for key in grid if key not in params and key not in ("init", "variant")]
+    if "variant" in grid or not own:
+        return []
+    values = dict(override.split("=", 1) for override in job)
+    label = " ".join(f"{key.rsplit('.', 1)[-1]}={values[key]}" for key in own)
+    return [f"variant='{label}'"]
 
 
 class SlurmError(CompactHydraException):

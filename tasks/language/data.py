@@ -408,6 +408,18 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[di
     return features
 
 
+def random_token_features(features: Sequence[dict[str, list[int]]], vocab_size: int,
+                          generator: torch.Generator) -> list[dict[str, list[int]]]:
+    """The same lengths and prompt/answer split as ``features``, every token id drawn uniformly from the vocabulary:
+    calibration data with the task's shape and none of its content."""
+    out = []
+    for feature in features:
+        ids = torch.randint(vocab_size, (len(feature["input_ids"]),), generator=generator).tolist()
+        labels = [-100 if old == -100 else new for old, new in zip(feature["labels"], ids)]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
 def collate(features: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids`` with ``pad_id``, ``attention_mask`` 1 on real tokens, ``labels`` -100 on
     padding (so padding never enters the loss, whatever ``pad_id`` is, even when it equals eos)."""

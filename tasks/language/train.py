@@ -56,7 +56,8 @@ def run(cfg: DictConfig) -> dict:
         eval_sets = read_evals(cfg.task.evals)  # now, so a bad test file or scorer fails the run before it trains
 
         # initialize: the same seeded calibration batches for every data-driven method
-        calibration = lm_calibration(calibration_batches(features, cfg.calibration, pad_id, cfg.seed), len(features))
+        pool = calibration_pool(cfg, features, validation, tokenizer, model.get_input_embeddings().num_embeddings)
+        calibration = lm_calibration(calibration_batches(pool, cfg.calibration, pad_id, cfg.seed), len(features))
         model, report = initialize_from_config(model, cfg, calibration)
         record.init(report)
 
@@ -134,9 +135,26 @@ def lm_calibration(batches: list[dict], dataset_size: int | None = None) -> Cali
     )
 
 
+def calibration_pool(cfg: DictConfig, features: list[dict], validation: list, tokenizer, vocab_size: int) -> list[dict]:
+    """The features calibration batches are drawn from (``calibration.source``): the training split (null), the
+    training split's shapes with random token ids (random_tokens), or another data config's examples, less any of
+    the validation split's (selection never sees its validation data, not even through an init)."""
+    source = cfg.calibration.get("source")
+    if source is None:
+        return features
+    if source == "random_tokens":
+        return language_data.random_token_features(features, vocab_size, calibration_draw(cfg.seed))
+    held_out = {(e.prompt, e.target) for e in validation}
+    examples = [e for e in build(source) if (e.prompt, e.target) not in held_out]
+    return language_data.tokenize(examples, tokenizer, cfg.data.max_length)
+
+
 def calibration_batches(features, cfg, pad_id: int, seed: int) -> list[dict]:
     """``cfg.batches`` batches drawn without replacement from the training split by a generator seeded by ``seed``."""
     needed = cfg.batches * cfg.batch_size
+    if len(features) < needed:  # before the init: fewer batches would quietly change what the method sees
+        raise language_data.DataError(f"calibration.batches={cfg.batches} of batch_size={cfg.batch_size} needs "
+                                      f"{needed} examples; its source has {len(features)}")
     order = torch.randperm(len(features), generator=calibration_draw(seed))[:needed]
     chosen = [features[i] for i in order]
     return [language_data.collate(chosen[i : i + cfg.batch_size], pad_id) for i in range(0, len(chosen), cfg.batch_size)]
