@@ -284,12 +284,22 @@ def _valid_somewhere(key: str, known) -> bool:
 @functools.lru_cache(maxsize=None)
 def group_options(group: str) -> dict[str, dict]:
     """conf/<group>/'s options: file stem (what a user types after ``group=``) -> its unresolved content."""
-    return {path.stem: OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-            for path in sorted((CONF / group).glob("*.yaml"))}
+    return {path.stem: _option(group, path.stem) for path in sorted((CONF / group).glob("*.yaml"))}
+
+
+def _option(group: str, stem: str) -> dict:
+    """An option's content over the options of its group it builds on (math_2000: ``defaults: [math]``)."""
+    own = OmegaConf.load(CONF / group / f"{stem}.yaml")
+    bases = [_option(group, entry) for entry in own.pop("defaults", []) if isinstance(entry, str) and entry != "_self_"]
+    return OmegaConf.to_container(OmegaConf.merge(*bases, own), resolve=False) or {}
 
 
 def domain_of(option: dict) -> str:
-    return option.get("domain", "language")  # options without a domain key are the language recipe's
+    """The task module an option serves; an option that does not say is a mistake (of a user's new file, mostly)."""
+    if "domain" not in option:
+        raise ConfigError(f"the {option.get('name', 'unnamed')!r} option declares no domain: add a `domain:` key "
+                          "(language, vision or rl) to its YAML file")
+    return option["domain"]
 
 
 def domain_problem(cfg: DictConfig, group: str, domain: str) -> str | None:
@@ -324,3 +334,34 @@ def _leaves(node, prefix: str = ""):
             yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
     else:
         yield prefix, repr(node)
+
+
+# --- a recipe's --help ------------------------------------------------------------------------------------------
+
+DOMAIN_WORDS = {"language": {"language"}, "vision": {"vision", "vtab", "vit"}, "rl": {"rl", "dt"}}  # in option names
+
+
+def option_domain(group: str, stem: str) -> str | None:
+    """The task module an option serves: its ``domain:`` (models, tasks), its model's or task's (experiments), or a
+    domain word in its name (``optim=vision_cpu``, ``lora=dt``); None for options every recipe shares (inits)."""
+    if group in ("model", "task"):
+        return domain_of(group_options(group)[stem])
+    if group == "experiment":
+        return _experiment_domain(stem)
+    words = set(stem.split("_"))
+    return next((domain for domain, marks in DOMAIN_WORDS.items() if words & marks), None)
+
+
+def options_help(domain: str) -> str:
+    """``group: option, ...`` for the groups the ``domain`` recipe composes (conf/<domain>.yaml's defaults), each
+    listing its own and the shared options: what ``--help`` prints instead of every group's every option."""
+    groups = [next(iter(entry)) for entry in OmegaConf.load(CONF / f"{domain}.yaml").defaults
+              if isinstance(entry, DictConfig) and "/" not in next(iter(entry)) and " " not in next(iter(entry))]
+    lines = []
+    for group in sorted(groups):
+        fitting = [stem for stem in group_options(group) if option_domain(group, stem) in (domain, None)]
+        lines.append(f"{group}: {', '.join(fitting)}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("eva_bench.options", options_help, replace=True)  # base/run.yaml's help template

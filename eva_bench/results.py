@@ -44,8 +44,11 @@ PACKAGES = ("torch", "transformers", "peft", "timm", "accelerate", "hydra-core",
 LR_ROW = "lr*"  # the learning rate the tuned protocol selected, shown as a table row
 IGNORED_FOR_HASH = (  # bookkeeping, not the result (variant: a label; the settings it names are hashed themselves)
     "seed", "force", "logger", "results_dir", "hydra", "threads", "device", "save_adapter", "variant")
-ADDED_LATER = {("calibration", "source"): None}  # keys added after records were committed: at this default they
-# are left out of the hash, so those records keep their ids
+ADDED_LATER = {  # keys added after records were committed: at this value they are left out of the hash, so those
+    ("calibration", "source"): None,  # records keep their ids
+    ("model", "domain"): "language",
+    ("task", "domain"): "language",
+}
 
 
 def config_hash(config: dict) -> str:

@@ -90,6 +90,40 @@ def test_a_recipe_rejects_another_task_modules_options(primary, foreign):
         check_domain(compose_language([foreign], primary), primary)
 
 
+@pytest.mark.parametrize("group", ["model", "task"])
+def test_every_model_and_task_option_says_its_domain(group):
+    """A missing ``domain:`` is an error, not "language": each option declares it, itself or through its base."""
+    from eva_bench.checks import group_options
+
+    assert all(option.get("domain") in ("language", "vision", "rl") for option in group_options(group).values())
+
+
+def test_an_option_without_a_domain_is_refused_by_name(tmp_path):
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "mine.yaml").write_text("name: mine\nevals: {}\naverage: false\n")
+    cfg = compose_language(["task=mine", f"hydra.searchpath=[file://{tmp_path}]"])
+    with pytest.raises(ValueError, match="the 'mine' option declares no domain: add a `domain:` key"):
+        check_domain(cfg, "language")
+
+
+@pytest.mark.parametrize("domain,own,foreign", [
+    ("language", ["model: hf,", "stories260k", "optim: language_cpu, language_paper", "calibration: "],
+     ["vit_b16", "dt_cpu", "vision_cpu", "tuned_rl", "mw_cpu"]),
+    ("vision", ["vit_b16", "lora: vit", "task: vtab, vtab_cpu", "protocol: fixed, tuned, tuned_vtab"],
+     ["stories260k", "dt_cpu", "language_cpu", "tuned_language_paper", "calibration: "]),
+    ("rl", ["model: dt_cpu, dt_local, dt_paper", "rl_cpu_tuned", "init: ailora,"], ["vit_tiny_fmnist", "math", "vtab"]),
+])
+def test_a_recipe_s_help_lists_its_own_options_only(domain, own, foreign):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", f"tasks.{domain}.train", "--help"], cwd=CONF.parent,
+                          capture_output=True, text=True, timeout=120)
+    options = done.stdout.split("== Config ==")[0]
+    assert done.returncode == 0 and f"== Options of the {domain} recipe" in options, done.stdout + done.stderr
+    assert all(text in options for text in own) and not any(text in options for text in foreign)
+
+
 def test_the_shared_run_block_is_in_every_recipe_and_not_repeated():
     """conf/base/run.yaml's keys reach all three recipes' configs, and no primary config defines them again."""
     import yaml

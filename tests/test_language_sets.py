@@ -148,6 +148,7 @@ def test_a_yaml_only_set_is_scored_without_training(tmp_path):
     (tmp_path / "conf" / "task").mkdir(parents=True)
     (tmp_path / "conf" / "task" / "apples.yaml").write_text(textwrap.dedent(f"""\
         name: apples
+        domain: language
         eval_limit: null
         evals:
           apples:
