@@ -74,7 +74,7 @@ def load(results_dir: str | Path, name: str) -> Experiment:
 def color(method: str) -> str:
     from .init import INITS
 
-    base = method.split("@")[0]  # "eva@<hash>": a config variant of eva keeps eva's colour
+    base = tables.split_method(method)[0]  # "eva rho=1.5", "eva@<hash>": a variant of eva keeps eva's colour
     known = list(INITS)
     return COLORS.get(base, f"C{known.index(base) % 10}" if base in known else "C9")
 
@@ -321,6 +321,42 @@ def controls_figure(exp: Experiment):
     return fig
 
 
+def has_variants(exp: Experiment) -> bool:
+    return "variant" in exp.frame and exp.frame["variant"].notna().any()
+
+
+def variants_figure(exp: Experiment):
+    """Variants (ablations): each variant's paired difference from random in the main metric, per task and rank,
+    mean over seeds with its 95 % t-interval (the tables' statistic: seed by seed)."""
+    if not has_variants(exp):
+        return None
+    scores = main_scores(exp)
+    diffs = tables.paired_with_random(scores) if len(scores) else pd.DataFrame()
+    if diffs.empty:  # no random run to compare with
+        return None
+    panels = sorted(diffs.groupby(["task", "metric"]).groups)
+    ranks = sorted(diffs["rank"].unique())
+    fig, axes = grid(len(panels), len(ranks), width=max(3.6, 0.5 * diffs["method"].nunique() + 1), height=2.8)
+    for row, (task, metric) in zip(axes, panels):
+        for ax, rank in zip(row, ranks):
+            part = diffs[(diffs["task"] == task) & (diffs["metric"] == metric) & (diffs["rank"] == rank)]
+            methods = tables.method_order(part["method"].unique())
+            d = part.set_index("method").reindex(methods)
+            low, high = d["ci_low"].fillna(d["diff"]), d["ci_high"].fillna(d["diff"])  # one pair: no interval
+            for x, method in enumerate(methods):
+                ax.errorbar([x], [d.loc[method, "diff"]], yerr=[[d.loc[method, "diff"] - low[method]],
+                                                                  [high[method] - d.loc[method, "diff"]]],
+                            linestyle="none", marker="o", markersize=4, capsize=3, color=color(method), label=method)
+            ax.axhline(0, color="0.6", linewidth=0.8)
+            ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
+            ax.set_xlim(-0.5, len(methods) - 0.5)
+            ax.set_ylabel(f"method − {tables.BASELINE}\n{metric_label(metric)}", fontsize=8)
+            ax.set_title(f"{task}, r = {rank}", fontsize=9)
+    fig.suptitle(f"{exp.name}: paired difference from {tables.BASELINE} over seeds, 95 % t-interval", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def init_cost_figure(bench_dir: Path):
     """Each init method's wall time against the plain forward passes over the calibration batches it read (the
     newest init benchmark)."""
@@ -361,6 +397,7 @@ FIGURES = {  # file name -> figure of one experiment (None where it does not app
     "eva_ranks": eva_ranks_figure,
     "loss": loss_figure,
     "controls": controls_figure,
+    "variants": variants_figure,
 }
 BENCH_FIGURES = {"init_cost": init_cost_figure}  # file name -> figure of the bench records
 
