@@ -77,14 +77,19 @@ def signed(value: float, places: int) -> str:
     return f"{value:+.{places}f}".replace("-", "+") if round(value, places) == 0 else f"{value:+.{places}f}"
 
 
+def method_names(records: pd.DataFrame) -> pd.Series:
+    """Each run's column: "eva rho=1.5" for a run with a variant; the plain init keeps its name (random: the
+    baseline)."""
+    variant = records["variant"] if "variant" in records else pd.Series(None, index=records.index, dtype=object)
+    return records["init"].where(variant.isna(), records["init"] + " " + variant.astype(str))
+
+
 def long_format(records: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, metric) of the successful runs; the newest record wins when a seed was rerun."""
     ok = records[records["status"] == "success"].copy()
     if ok.empty:
         return pd.DataFrame(columns=[*KEYS, "method", "seed", "value"])
-    # a run with a variant is its own column, "eva rho=1.5"; the plain init keeps its name (random: the baseline)
-    variant = ok["variant"] if "variant" in ok else pd.Series(None, index=ok.index, dtype=object)
-    ok["method"] = ok["init"].where(variant.isna(), ok["init"] + " " + variant.astype(str))
+    ok["method"] = method_names(ok)
     # a method run under two different configs in one experiment (and no variant to tell them apart) gets one
     # column per config
     hashes = ok.groupby(["task", "model", "method", "rank"])["config_hash"].transform("nunique")

@@ -153,7 +153,9 @@ def write_variant_records(root: Path, experiment: str = "ablation") -> None:
             run = {"experiment": experiment, "task": "math", "model": "tiny", "init": init, "rank": rank,
                    "seed": seed, "config_hash": f"{init}-{variant}-{rank}"}
             record = {"run": run, "status": "success", "metrics": {"gsm8k/n": 10, "gsm8k/nll": nll},
-                      "config": {"variant": variant, "optim": {"lr": 0.005, "epochs": 1, "schedule": "cosine"}},
+                      "config": {"variant": variant, "optim": {"lr": 0.005, "epochs": 1, "schedule": "cosine"},
+                                 "protocol": {"name": "tuned", "lr_grid": [0.002, 0.004], "validation_size": 8,
+                                              "selection_seed": 0}},
                       "protocol": {"name": "tuned", "metric": "validation/nll",
                                    "selected_lr": selected_lr(init, variant, rank)},
                       "train": {"optimizer_steps": 30, "examples": 480},
