@@ -79,6 +79,11 @@ def color(method: str) -> str:
     return COLORS.get(base, f"C{known.index(base) % 10}" if base in known else "C9")
 
 
+def method_of(record: dict) -> str:
+    """A full record's column in the tables: its init, and its variant where it has one."""
+    return tables.method_name(record["run"]["init"], (record.get("config") or {}).get("variant"))
+
+
 def metric_label(metric: str) -> str:
     return f"{metric} ({'lower' if stats.lower_is_better(metric) else 'higher'} is better)"
 
@@ -156,18 +161,18 @@ def selection_metric(exp: Experiment) -> str:
 
 
 def lr_curves_figure(exp: Experiment):
-    """Tuned protocol: each selection run's validation score against its lr, per init; ★ the lr chosen, dotted the
+    """Tuned protocol: each selection run's validation score against its lr, per method; ★ the lr chosen, dotted the
     fixed protocol's lr."""
     if not exp.selection:
         return None
     metric = selection_metric(exp)
     points = pd.DataFrame([
-        {**r["run"], "lr": r["config"]["optim"]["lr"], "value": r["metrics"][metric]}
+        {**r["run"], "method": method_of(r), "lr": r["config"]["optim"]["lr"], "value": r["metrics"][metric]}
         for r in exp.selection if r["status"] == "success" and metric in r["metrics"]  # diverged: no score to draw
     ])
     if points.empty:
         return None
-    chosen = {(r["run"]["task"], r["run"]["init"], r["run"]["rank"]): r["protocol"]["selected_lr"]
+    chosen = {(r["run"]["task"], method_of(r), r["run"]["rank"]): r["protocol"]["selected_lr"]
               for r in exp.records if (r.get("protocol") or {}).get("selected_lr") is not None}
     # the final records' config holds the lr before selection replaced it: the fixed protocol's lr
     fixed = {r["run"]["task"]: r["config"]["optim"]["lr"] for r in exp.records}
@@ -176,9 +181,9 @@ def lr_curves_figure(exp: Experiment):
     for row, task in zip(axes, tasks):
         for ax, rank in zip(row, ranks):
             part = points[(points["task"] == task) & (points["rank"] == rank)]
-            for method in tables.method_order(part["init"].unique()):
+            for method in tables.method_order(part["method"].unique()):
                 # one line per selection seed (the protocol uses one), one point per selection run
-                for k, (_, runs) in enumerate(part[part["init"] == method].groupby("seed")):
+                for k, (_, runs) in enumerate(part[part["method"] == method].groupby("seed")):
                     runs = runs.sort_values("lr")
                     ax.plot(runs["lr"], runs["value"], marker="o", markersize=3, linewidth=1, color=color(method),
                             label=method if k == 0 else f"_{method}")
@@ -262,8 +267,9 @@ def eva_ranks_figure(exp: Experiment):
 
 
 def loss_figure(exp: Experiment):
-    """Training loss per init: mean over seeds, the band from the lowest to the highest seed."""
-    rows = [{**r["run"], "step": step, "loss": loss} for r in exp.records if r["status"] == "success"
+    """Training loss per method: mean over seeds, the band from the lowest to the highest seed."""
+    rows = [{**r["run"], "method": method_of(r), "step": step, "loss": loss} for r in exp.records
+            if r["status"] == "success"
             for step, loss in (r.get("train") or {}).get("curve") or [] if loss is not None]
     if not rows:
         return None
@@ -273,8 +279,8 @@ def loss_figure(exp: Experiment):
     for row, task in zip(axes, tasks):
         for ax, rank in zip(row, ranks):
             part = curves[(curves["task"] == task) & (curves["rank"] == rank)]
-            for method in tables.method_order(part["init"].unique()):
-                by_step = part[part["init"] == method].groupby("step")["loss"]
+            for method in tables.method_order(part["method"].unique()):
+                by_step = part[part["method"] == method].groupby("step")["loss"]
                 summary = by_step.agg(["mean", "min", "max"])
                 ax.plot(summary.index, summary["mean"], color=color(method), linewidth=1.2, label=method)
                 ax.fill_between(summary.index, summary["min"], summary["max"], color=color(method), alpha=0.15,

@@ -141,12 +141,12 @@ def what_was_run(exp: figures.Experiment) -> list[tuple[str, str]]:
     commits = sorted({((r.get("provenance") or {}).get("git") or {}).get("commit") or "?" for r in exp.records})
     finished = sorted(str(f) for f in frame.get("finished_at", pd.Series(dtype=str)).dropna())
     seconds = sum(r.get("seconds") or 0 for r in exp.records)
-    variants = tables.method_order(tables.method_names(frame).unique()) if figures.has_variants(exp) else []
+    methods = tables.method_order(tables.method_names(frame).unique()) if figures.has_variants(exp) else []
     return [
         ("model", listing(sorted(frame["model"].unique()))),
         ("tasks", listing(tasks)),
         ("inits", listing(tables.method_order(frame["init"].unique()))),
-        *([("variants", listing(variants))] if variants else []),  # an ablation's columns, as the tables name them
+        *([("methods", listing(methods))] if methods else []),  # an ablation's columns, as the tables name them
         ("ranks", listing(sorted(int(r) for r in frame["rank"].unique()))),
         ("seeds", listing(sorted(int(s) for s in frame["seed"].unique()))),
         ("lr protocol", protocol_text(exp)),

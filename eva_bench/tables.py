@@ -77,11 +77,15 @@ def signed(value: float, places: int) -> str:
     return f"{value:+.{places}f}".replace("-", "+") if round(value, places) == 0 else f"{value:+.{places}f}"
 
 
-def method_names(records: pd.DataFrame) -> pd.Series:
-    """Each run's column: "eva rho=1.5" for a run with a variant; the plain init keeps its name (random: the
+def method_name(init: str, variant: str | None) -> str:
+    """A run's column: "eva rho=1.5" for a run with a variant; the plain init keeps its name (random: the
     baseline)."""
-    variant = records["variant"] if "variant" in records else pd.Series(None, index=records.index, dtype=object)
-    return records["init"].where(variant.isna(), records["init"] + " " + variant.astype(str))
+    return init if variant is None or pd.isna(variant) else f"{init} {variant}"
+
+
+def method_names(records: pd.DataFrame) -> pd.Series:
+    variants = records["variant"] if "variant" in records else [None] * len(records)
+    return pd.Series([method_name(i, v) for i, v in zip(records["init"], variants)], index=records.index, dtype=object)
 
 
 def long_format(records: pd.DataFrame) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 
 from eva_bench import figures, results
-from tests.test_tables import VARIANT_COLUMNS, VARIANT_NLL, paired_t, write_variant_records
+from tests.test_tables import VARIANT_COLUMNS, VARIANT_NLL, paired_t, selected_lr, write_variant_records
 
 NLL = {  # (init, rank) -> gsm8k/nll of seeds 0, 1, 2
     ("random", 2): [2.90, 2.92, 2.97],
@@ -205,3 +205,20 @@ def test_variants_figure_is_written_only_for_an_experiment_with_variants(tmp_pat
     assert "variants.svg" not in [p.name for p in figures.write_experiment(tmp_path, "demo", tmp_path / "figures")]
     assert figures.variants_figure(figures.load(tmp_path, "demo")) is None
     assert figures.color("eva rho=1.5") == figures.color("eva") != figures.color("random rslora")
+
+
+def test_loss_and_lr_curves_draw_each_variant_apart(tmp_path):
+    write_variant_records(tmp_path)
+    exp = figures.load(tmp_path, "ablation")
+    ranks = sorted({rank for _, _, rank in VARIANT_NLL})
+    loss = figures.loss_figure(exp)
+    for ax, rank in zip(loss.axes, ranks):
+        lines = labelled_lines(ax)
+        assert list(lines) == VARIANT_COLUMNS
+        assert np.allclose(lines["eva rho=1.5"].get_ydata(), [np.mean(VARIANT_NLL["eva", "rho=1.5", rank]) + 1,
+                                                              np.mean(VARIANT_NLL["eva", "rho=1.5", rank])])
+    lr_curves = figures.lr_curves_figure(exp)
+    for ax, rank in zip(lr_curves.axes, ranks):
+        assert list(labelled_lines(ax)) == VARIANT_COLUMNS
+        stars = sorted(float(line.get_xdata()[0]) for line in ax.get_lines() if line.get_label() == "_chosen")
+        assert stars == sorted(selected_lr(init, variant, rank) for init, variant, r in VARIANT_NLL if r == rank)

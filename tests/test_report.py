@@ -151,5 +151,5 @@ def test_an_experiment_with_variants_shows_its_variants_figure_and_names_its_var
     page = (out / "ablation.html").read_text()
     assert re.search(r'<img src="[^"]*ablation/variants\.svg" alt="variants">', page)
     assert f"<figcaption>variants: {html.escape(figures.caption('variants'))}</figcaption>" in page
-    assert f"<dt>variants</dt><dd>{', '.join(VARIANT_COLUMNS)}</dd>" in page  # the tables' columns, in order
+    assert f"<dt>methods</dt><dd>{', '.join(VARIANT_COLUMNS)}</dd>" in page  # the tables' columns, in order
     assert page.count("<td>eva rho=1.5</td>") == 6  # its records, 2 ranks x 3 seeds

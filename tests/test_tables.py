@@ -141,14 +141,27 @@ VARIANT_NLL = {  # (init, variant, rank) -> gsm8k/nll of seeds 0, 1, 2
 VARIANT_COLUMNS = ["random", "random rslora", "eva rho=1", "eva rho=1.5", "eva rho=3"]
 
 
+LR_GRID = (0.001, 0.002, 0.004)
+
+
 def selected_lr(init: str, variant: str | None, rank: int) -> float:
-    return 0.001 * (1 + len(variant or "")) * rank  # a different chosen lr per method x variant x rank
+    return LR_GRID[(len(variant or "") + rank) % len(LR_GRID)]  # the lr chosen differs across variants and ranks
+
+
+def validation_score(init: str, variant: str | None, rank: int, lr: float) -> float:
+    return 1.0 if lr == selected_lr(init, variant, rank) else 2.0 + lr  # the chosen lr scores best
 
 
 def write_variant_records(root: Path, experiment: str = "ablation") -> None:
     """Records of a tuned ablation: every (init, variant, rank) of VARIANT_NLL x 3 seeds, each variant with its
-    own config (hash) and its own selected lr (the tables' lr* row)."""
+    own config (hash), training curve and selected lr (the tables' lr* row), and its selection runs (seed 0)."""
     for (init, variant, rank), values in VARIANT_NLL.items():
+        for lr in LR_GRID:
+            run = {"experiment": f"{experiment}/lr_search", "task": "math", "model": "tiny", "init": init,
+                   "rank": rank, "seed": 0, "config_hash": f"{init}-{variant}-{rank}-{lr}"}
+            results.write_record(root / experiment / "lr_search" / f"{init}-{variant}-{rank}-{lr}.json", {
+                "run": run, "status": "success", "config": {"variant": variant, "optim": {"lr": lr}},
+                "metrics": {"validation/nll": validation_score(init, variant, rank, lr)}})
         for seed, nll in enumerate(values):
             run = {"experiment": experiment, "task": "math", "model": "tiny", "init": init, "rank": rank,
                    "seed": seed, "config_hash": f"{init}-{variant}-{rank}"}
@@ -158,7 +171,7 @@ def write_variant_records(root: Path, experiment: str = "ablation") -> None:
                                               "selection_seed": 0}},
                       "protocol": {"name": "tuned", "metric": "validation/nll",
                                    "selected_lr": selected_lr(init, variant, rank)},
-                      "train": {"optimizer_steps": 30, "examples": 480},
+                      "train": {"optimizer_steps": 30, "examples": 480, "curve": [[10, nll + 1], [20, nll]]},
                       "finished_at": f"2026-01-0{seed + 1}", "seconds": 10.0}
             results.write_record(root / experiment / f"{init}-{variant}-{rank}-{seed}.json", record)
 
