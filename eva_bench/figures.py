@@ -74,9 +74,14 @@ def load(results_dir: str | Path, name: str) -> Experiment:
 def color(method: str) -> str:
     from .init import INITS
 
-    base = method.split("@")[0]  # "eva@<hash>": a config variant of eva keeps eva's colour
+    base = tables.split_method(method)[0]  # "eva rho=1.5", "eva@<hash>": a variant of eva keeps eva's colour
     known = list(INITS)
     return COLORS.get(base, f"C{known.index(base) % 10}" if base in known else "C9")
+
+
+def method_of(record: dict) -> str:
+    """A full record's column in the tables: its init, and its variant where it has one."""
+    return tables.method_name(record["run"]["init"], (record.get("config") or {}).get("variant"))
 
 
 def metric_label(metric: str) -> str:
@@ -156,18 +161,18 @@ def selection_metric(exp: Experiment) -> str:
 
 
 def lr_curves_figure(exp: Experiment):
-    """Tuned protocol: each selection run's validation score against its lr, per init; ★ the lr chosen, dotted the
+    """Tuned protocol: each selection run's validation score against its lr, per method; ★ the lr chosen, dotted the
     fixed protocol's lr."""
     if not exp.selection:
         return None
     metric = selection_metric(exp)
     points = pd.DataFrame([
-        {**r["run"], "lr": r["config"]["optim"]["lr"], "value": r["metrics"][metric]}
+        {**r["run"], "method": method_of(r), "lr": r["config"]["optim"]["lr"], "value": r["metrics"][metric]}
         for r in exp.selection if r["status"] == "success" and metric in r["metrics"]  # diverged: no score to draw
     ])
     if points.empty:
         return None
-    chosen = {(r["run"]["task"], r["run"]["init"], r["run"]["rank"]): r["protocol"]["selected_lr"]
+    chosen = {(r["run"]["task"], method_of(r), r["run"]["rank"]): r["protocol"]["selected_lr"]
               for r in exp.records if (r.get("protocol") or {}).get("selected_lr") is not None}
     # the final records' config holds the lr before selection replaced it: the fixed protocol's lr
     fixed = {r["run"]["task"]: r["config"]["optim"]["lr"] for r in exp.records}
@@ -176,9 +181,9 @@ def lr_curves_figure(exp: Experiment):
     for row, task in zip(axes, tasks):
         for ax, rank in zip(row, ranks):
             part = points[(points["task"] == task) & (points["rank"] == rank)]
-            for method in tables.method_order(part["init"].unique()):
+            for method in tables.method_order(part["method"].unique()):
                 # one line per selection seed (the protocol uses one), one point per selection run
-                for k, (_, runs) in enumerate(part[part["init"] == method].groupby("seed")):
+                for k, (_, runs) in enumerate(part[part["method"] == method].groupby("seed")):
                     runs = runs.sort_values("lr")
                     ax.plot(runs["lr"], runs["value"], marker="o", markersize=3, linewidth=1, color=color(method),
                             label=method if k == 0 else f"_{method}")
@@ -262,8 +267,9 @@ def eva_ranks_figure(exp: Experiment):
 
 
 def loss_figure(exp: Experiment):
-    """Training loss per init: mean over seeds, the band from the lowest to the highest seed."""
-    rows = [{**r["run"], "step": step, "loss": loss} for r in exp.records if r["status"] == "success"
+    """Training loss per method: mean over seeds, the band from the lowest to the highest seed."""
+    rows = [{**r["run"], "method": method_of(r), "step": step, "loss": loss} for r in exp.records
+            if r["status"] == "success"
             for step, loss in (r.get("train") or {}).get("curve") or [] if loss is not None]
     if not rows:
         return None
@@ -273,8 +279,8 @@ def loss_figure(exp: Experiment):
     for row, task in zip(axes, tasks):
         for ax, rank in zip(row, ranks):
             part = curves[(curves["task"] == task) & (curves["rank"] == rank)]
-            for method in tables.method_order(part["init"].unique()):
-                by_step = part[part["init"] == method].groupby("step")["loss"]
+            for method in tables.method_order(part["method"].unique()):
+                by_step = part[part["method"] == method].groupby("step")["loss"]
                 summary = by_step.agg(["mean", "min", "max"])
                 ax.plot(summary.index, summary["mean"], color=color(method), linewidth=1.2, label=method)
                 ax.fill_between(summary.index, summary["min"], summary["max"], color=color(method), alpha=0.15,
@@ -321,6 +327,42 @@ def controls_figure(exp: Experiment):
     return fig
 
 
+def has_variants(exp: Experiment) -> bool:
+    return "variant" in exp.frame and exp.frame["variant"].notna().any()
+
+
+def variants_figure(exp: Experiment):
+    """Variants (ablations): each variant's paired difference from random in the main metric, per task and rank,
+    mean over seeds with its 95 % t-interval (the tables' statistic: seed by seed)."""
+    if not has_variants(exp):
+        return None
+    scores = main_scores(exp)
+    diffs = tables.paired_with_random(scores) if len(scores) else pd.DataFrame()
+    if diffs.empty:  # no random run to compare with
+        return None
+    panels = sorted(diffs.groupby(["task", "metric"]).groups)
+    ranks = sorted(diffs["rank"].unique())
+    fig, axes = grid(len(panels), len(ranks), width=max(3.6, 0.5 * diffs["method"].nunique() + 1), height=2.8)
+    for row, (task, metric) in zip(axes, panels):
+        for ax, rank in zip(row, ranks):
+            part = diffs[(diffs["task"] == task) & (diffs["metric"] == metric) & (diffs["rank"] == rank)]
+            methods = tables.method_order(part["method"].unique())
+            d = part.set_index("method").reindex(methods)
+            low, high = d["ci_low"].fillna(d["diff"]), d["ci_high"].fillna(d["diff"])  # one pair: no interval
+            for x, method in enumerate(methods):
+                ax.errorbar([x], [d.loc[method, "diff"]], yerr=[[d.loc[method, "diff"] - low[method]],
+                                                                  [high[method] - d.loc[method, "diff"]]],
+                            linestyle="none", marker="o", markersize=4, capsize=3, color=color(method), label=method)
+            ax.axhline(0, color="0.6", linewidth=0.8)
+            ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
+            ax.set_xlim(-0.5, len(methods) - 0.5)
+            ax.set_ylabel(f"method − {tables.BASELINE}\n{metric_label(metric)}", fontsize=8)
+            ax.set_title(f"{task}, r = {rank}", fontsize=9)
+    fig.suptitle(f"{exp.name}: paired difference from {tables.BASELINE} over seeds, 95 % t-interval", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def init_cost_figure(bench_dir: Path):
     """Each init method's wall time against the plain forward passes over the calibration batches it read (the
     newest init benchmark)."""
@@ -361,6 +403,7 @@ FIGURES = {  # file name -> figure of one experiment (None where it does not app
     "eva_ranks": eva_ranks_figure,
     "loss": loss_figure,
     "controls": controls_figure,
+    "variants": variants_figure,
 }
 BENCH_FIGURES = {"init_cost": init_cost_figure}  # file name -> figure of the bench records
 

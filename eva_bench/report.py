@@ -141,10 +141,12 @@ def what_was_run(exp: figures.Experiment) -> list[tuple[str, str]]:
     commits = sorted({((r.get("provenance") or {}).get("git") or {}).get("commit") or "?" for r in exp.records})
     finished = sorted(str(f) for f in frame.get("finished_at", pd.Series(dtype=str)).dropna())
     seconds = sum(r.get("seconds") or 0 for r in exp.records)
+    methods = tables.method_order(tables.method_names(frame).unique()) if figures.has_variants(exp) else []
     return [
         ("model", listing(sorted(frame["model"].unique()))),
         ("tasks", listing(tasks)),
         ("inits", listing(tables.method_order(frame["init"].unique()))),
+        *([("methods", listing(methods))] if methods else []),  # an ablation's columns, as the tables name them
         ("ranks", listing(sorted(int(r) for r in frame["rank"].unique()))),
         ("seeds", listing(sorted(int(s) for s in frame["seed"].unique()))),
         ("lr protocol", protocol_text(exp)),
@@ -158,9 +160,10 @@ def what_was_run(exp: figures.Experiment) -> list[tuple[str, str]]:
 
 def records_table(exp: figures.Experiment, page_dir: Path) -> str:
     rows = []
-    for _, r in exp.frame.sort_values(["task", "init", "rank", "seed"]).iterrows():
+    frame = exp.frame.assign(method=tables.method_names(exp.frame))  # a variant beside its init: "eva rho=1.5"
+    for _, r in frame.sort_values(["task", "method", "rank", "seed"]).iterrows():
         path = Path(r["path"])
-        rows.append(f"<tr><td>{html.escape(r['task'])}</td><td>{html.escape(r['init'])}</td><td>{r['rank']}</td>"
+        rows.append(f"<tr><td>{html.escape(r['task'])}</td><td>{html.escape(r['method'])}</td><td>{r['rank']}</td>"
                     f"<td>{r['seed']}</td><td>{html.escape(r['status'])}</td>"
                     f'<td><a href="{url(path, page_dir)}">{html.escape(path.name)}</a></td></tr>')
     return ('<div class="scroll"><table class="records">\n<thead><tr><th>task</th><th>init</th><th>rank</th>'

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -31,11 +32,33 @@ POI_TOL = 0.005  # PoI prints with 2 decimals: an interval that prints as reachi
 WORDS = {stats.BETTER: "better", stats.WORSE: "worse", stats.TIE: "inconclusive"}  # the CSV's verdict
 
 
+NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+
+
+def split_method(method: str) -> tuple[str, str, str]:
+    """A column name "eva rho=1.5@<hash>" as (init, variant, hash); "" where absent."""
+    label, _, config = method.partition("@")
+    init, _, variant = label.partition(" ")
+    return init, variant, config
+
+
+def natural_key(text: str) -> tuple:
+    # numbers compare as numbers: rho=1 < rho=1.5 < rho=2, batches=4 < batches=16; the rest as text
+    return tuple((0, float(part), "") if i % 2 else (1, 0.0, part) for i, part in enumerate(NUMBER.split(text)))
+
+
 def method_order(methods) -> list[str]:
+    """Inits in INITS order (unknown ones after, alphabetically), each followed by its variants in natural order."""
     from .init import INITS
 
-    known = [m for m in INITS if m in set(methods)]
-    return known + sorted(set(methods) - set(known))
+    known = list(INITS)
+
+    def key(method):
+        init, variant, config = split_method(method)
+        place = (0, known.index(init), "") if init in known else (1, 0, init)
+        return place, variant != "", natural_key(variant), config
+
+    return sorted(set(methods), key=key)
 
 
 def digits(metric: str) -> int:
@@ -54,14 +77,27 @@ def signed(value: float, places: int) -> str:
     return f"{value:+.{places}f}".replace("-", "+") if round(value, places) == 0 else f"{value:+.{places}f}"
 
 
+def method_name(init: str, variant: str | None) -> str:
+    """A run's column: "eva rho=1.5" for a run with a variant; the plain init keeps its name (random: the
+    baseline)."""
+    return init if variant is None or pd.isna(variant) else f"{init} {variant}"
+
+
+def method_names(records: pd.DataFrame) -> pd.Series:
+    variants = records["variant"] if "variant" in records else [None] * len(records)
+    return pd.Series([method_name(i, v) for i, v in zip(records["init"], variants)], index=records.index, dtype=object)
+
+
 def long_format(records: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, metric) of the successful runs; the newest record wins when a seed was rerun."""
     ok = records[records["status"] == "success"].copy()
     if ok.empty:
         return pd.DataFrame(columns=[*KEYS, "method", "seed", "value"])
-    # a method run under two different configs in one experiment gets one column per config
-    hashes = ok.groupby(["task", "model", "init", "rank"])["config_hash"].transform("nunique")
-    ok["method"] = ok["init"].where(hashes == 1, ok["init"] + "@" + ok["config_hash"])
+    ok["method"] = method_names(ok)
+    # a method run under two different configs in one experiment (and no variant to tell them apart) gets one
+    # column per config
+    hashes = ok.groupby(["task", "model", "method", "rank"])["config_hash"].transform("nunique")
+    ok["method"] = ok["method"].where(hashes == 1, ok["method"] + "@" + ok["config_hash"])
     ok = ok.sort_values("finished_at").drop_duplicates(["task", "model", "method", "rank", "seed"], keep="last")
     metric_cols = [c for c in ok.columns if c.startswith("metric.") and not c.endswith("/n")]
     long = ok.melt(

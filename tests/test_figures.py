@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 
 from eva_bench import figures, results
+from tests.test_tables import VARIANT_COLUMNS, VARIANT_NLL, paired_t, selected_lr, write_variant_records
 
 NLL = {  # (init, rank) -> gsm8k/nll of seeds 0, 1, 2
     ("random", 2): [2.90, 2.92, 2.97],
@@ -174,3 +175,50 @@ def test_init_cost_figure_from_the_newest_bench_record(tmp_path):
 def test_captions_come_from_the_figure_functions():
     for name in [*figures.FIGURES, *figures.BENCH_FIGURES]:
         assert figures.caption(name) and "\n" not in figures.caption(name)
+
+
+def test_variants_figure_draws_each_variant_against_random_per_task_and_rank(tmp_path):
+    write_variant_records(tmp_path)
+    fig = figures.variants_figure(figures.load(tmp_path, "ablation"))
+    ranks = sorted({rank for _, _, rank in VARIANT_NLL})
+    assert [ax.get_title() for ax in fig.axes] == [f"math, r = {r}" for r in ranks]  # one panel per (task, rank)
+    compared = VARIANT_COLUMNS[1:]  # all but random itself, in the tables' order
+    for ax, rank in zip(fig.axes, ranks):
+        assert [t.get_text() for t in ax.get_xticklabels()] == compared
+        drawn = {c.get_label(): c for c in ax.containers}
+        assert list(drawn) == compared  # one point each
+        assert "lower is better" in ax.get_ylabel()
+        assert any(np.allclose(line.get_ydata(), 0) and len(set(line.get_xdata())) > 1 for line in ax.get_lines())
+        for x, method in enumerate(compared):
+            init, variant = method.split(" ")
+            mean, low, high = paired_t(VARIANT_NLL[init, variant, rank], VARIANT_NLL["random", None, rank])
+            line, _, (bars,) = drawn[method].lines
+            assert np.allclose(line.get_xdata(), [x]) and np.allclose(line.get_ydata(), [mean])
+            assert np.allclose(sorted(bars.get_segments()[0][:, 1]), [low, high])
+            assert drawn[method].lines[0].get_color() == figures.color(init)  # a variant in its init's colour
+
+
+def test_variants_figure_is_written_only_for_an_experiment_with_variants(tmp_path):
+    write_variant_records(tmp_path)
+    write_demo(tmp_path)
+    assert "variants.svg" in [p.name for p in figures.write_experiment(tmp_path, "ablation", tmp_path / "figures")]
+    assert "variants.svg" not in [p.name for p in figures.write_experiment(tmp_path, "demo", tmp_path / "figures")]
+    assert figures.variants_figure(figures.load(tmp_path, "demo")) is None
+    assert figures.color("eva rho=1.5") == figures.color("eva") != figures.color("random rslora")
+
+
+def test_loss_and_lr_curves_draw_each_variant_apart(tmp_path):
+    write_variant_records(tmp_path)
+    exp = figures.load(tmp_path, "ablation")
+    ranks = sorted({rank for _, _, rank in VARIANT_NLL})
+    loss = figures.loss_figure(exp)
+    for ax, rank in zip(loss.axes, ranks):
+        lines = labelled_lines(ax)
+        assert list(lines) == VARIANT_COLUMNS
+        assert np.allclose(lines["eva rho=1.5"].get_ydata(), [np.mean(VARIANT_NLL["eva", "rho=1.5", rank]) + 1,
+                                                              np.mean(VARIANT_NLL["eva", "rho=1.5", rank])])
+    lr_curves = figures.lr_curves_figure(exp)
+    for ax, rank in zip(lr_curves.axes, ranks):
+        assert list(labelled_lines(ax)) == VARIANT_COLUMNS
+        stars = sorted(float(line.get_xdata()[0]) for line in ax.get_lines() if line.get_label() == "_chosen")
+        assert stars == sorted(selected_lr(init, variant, rank) for init, variant, r in VARIANT_NLL if r == rank)

@@ -5,6 +5,7 @@ resolve; a screenshot of each page goes to the test's tmp directory (pytest's ``
 -s). The browser tests are marked slow: they need Debian's chromium and chromium-driver, which `make test` (CI) does
 not install; `make test-report` installs them and runs this file. Without a browser: pages from fixture records."""
 
+import html
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from eva_bench import figures, report, results, tables
 from tests.test_figures import write_demo
+from tests.test_tables import VARIANT_COLUMNS, write_variant_records
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -138,3 +140,16 @@ def test_pages_from_fixture_records_link_figures_tables_and_records(tmp_path):
             assert (out / link).exists(), link  # relative links that resolve from file://
     assert page.count("<img ") == 4 and page.count('<table class="stats">') == 1
     assert "https://" not in page and "<script" not in page  # self-contained
+
+
+def test_an_experiment_with_variants_shows_its_variants_figure_and_names_its_variants(tmp_path):
+    write_variant_records(tmp_path / "results")
+    written = figures.write_experiment(tmp_path / "results", "ablation", tmp_path / "results" / "figures")
+    assert "variants.svg" in [p.name for p in written]
+    out = tmp_path / "results" / "report"
+    report.build(tmp_path / "results", out, conf_dir=tmp_path / "conf")
+    page = (out / "ablation.html").read_text()
+    assert re.search(r'<img src="[^"]*ablation/variants\.svg" alt="variants">', page)
+    assert f"<figcaption>variants: {html.escape(figures.caption('variants'))}</figcaption>" in page
+    assert f"<dt>methods</dt><dd>{', '.join(VARIANT_COLUMNS)}</dd>" in page  # the tables' columns, in order
+    assert page.count("<td>eva rho=1.5</td>") == 6  # its records, 2 ranks x 3 seeds

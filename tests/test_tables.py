@@ -4,8 +4,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 
 from eva_bench import results, tables
 
@@ -121,3 +123,116 @@ def test_an_edited_or_unreadable_record_is_named_in_the_table_header(tmp_path):
     assert "Invalid records, left out" in header and "eva-2-0.json (edited after it was written" in header
     assert "junk.json (not a record (a JSON list))" in header
     assert "Runs: 11 (" in header  # the edited one is not counted
+
+
+# An ablation (issue 20): plain random, EVA under three rho variants and random under rslora, in one experiment
+VARIANT_NLL = {  # (init, variant, rank) -> gsm8k/nll of seeds 0, 1, 2
+    ("random", None, 2): [2.90, 2.92, 2.94],
+    ("random", "rslora", 2): [2.89, 2.93, 2.92],  # differences -0.01, +0.01, -0.02: an interval across 0
+    ("eva", "rho=1", 2): [2.80, 2.81, 2.85],  # all clearly lower: better
+    ("eva", "rho=1.5", 2): [2.91, 2.88, 2.97],  # +0.01, -0.04, +0.03: across 0
+    ("eva", "rho=3", 2): [2.95, 2.98, 2.99],  # all higher: worse
+    ("random", None, 8): [2.70, 2.72, 2.74],
+    ("random", "rslora", 8): [2.69, 2.70, 2.72],
+    ("eva", "rho=1", 8): [2.66, 2.69, 2.70],
+    ("eva", "rho=1.5", 8): [2.65, 2.68, 2.69],
+    ("eva", "rho=3", 8): [2.71, 2.74, 2.73],
+}
+VARIANT_COLUMNS = ["random", "random rslora", "eva rho=1", "eva rho=1.5", "eva rho=3"]
+
+
+LR_GRID = (0.001, 0.002, 0.004)
+
+
+def selected_lr(init: str, variant: str | None, rank: int) -> float:
+    return LR_GRID[(len(variant or "") + rank) % len(LR_GRID)]  # the lr chosen differs across variants and ranks
+
+
+def validation_score(init: str, variant: str | None, rank: int, lr: float) -> float:
+    return 1.0 if lr == selected_lr(init, variant, rank) else 2.0 + lr  # the chosen lr scores best
+
+
+def write_variant_records(root: Path, experiment: str = "ablation") -> None:
+    """Records of a tuned ablation: every (init, variant, rank) of VARIANT_NLL x 3 seeds, each variant with its
+    own config (hash), training curve and selected lr (the tables' lr* row), and its selection runs (seed 0)."""
+    for (init, variant, rank), values in VARIANT_NLL.items():
+        for lr in LR_GRID:
+            run = {"experiment": f"{experiment}/lr_search", "task": "math", "model": "tiny", "init": init,
+                   "rank": rank, "seed": 0, "config_hash": f"{init}-{variant}-{rank}-{lr}"}
+            results.write_record(root / experiment / "lr_search" / f"{init}-{variant}-{rank}-{lr}.json", {
+                "run": run, "status": "success", "config": {"variant": variant, "optim": {"lr": lr}},
+                "metrics": {"validation/nll": validation_score(init, variant, rank, lr)}})
+        for seed, nll in enumerate(values):
+            run = {"experiment": experiment, "task": "math", "model": "tiny", "init": init, "rank": rank,
+                   "seed": seed, "config_hash": f"{init}-{variant}-{rank}"}
+            record = {"run": run, "status": "success", "metrics": {"gsm8k/n": 10, "gsm8k/nll": nll},
+                      "config": {"variant": variant, "optim": {"lr": 0.005, "epochs": 1, "schedule": "cosine"},
+                                 "protocol": {"name": "tuned", "lr_grid": [0.002, 0.004], "validation_size": 8,
+                                              "selection_seed": 0}},
+                      "protocol": {"name": "tuned", "metric": "validation/nll",
+                                   "selected_lr": selected_lr(init, variant, rank)},
+                      "train": {"optimizer_steps": 30, "examples": 480, "curve": [[10, nll + 1], [20, nll]]},
+                      "finished_at": f"2026-01-0{seed + 1}", "seconds": 10.0}
+            results.write_record(root / experiment / f"{init}-{variant}-{rank}-{seed}.json", record)
+
+
+def paired_t(method, base) -> tuple[float, float, float]:
+    """method - base seed by seed: mean and 95 % Student-t interval, computed here from its definition."""
+    d = np.subtract(method, base)
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def test_methods_order_inits_as_INITS_and_their_variants_naturally():
+    shuffled = ["eva rho=3", "lora_da", "eva batches=64", "random rslora", "eva rho=1.5", "eva", "eva batches=4",
+                "random", "eva rho=1", "eva batches=16", "eva label_mask", "eva rho=2"]
+    assert tables.method_order(shuffled) == [
+        "random", "random rslora", "eva", "eva batches=4", "eva batches=16", "eva batches=64", "eva label_mask",
+        "eva rho=1", "eva rho=1.5", "eva rho=2", "eva rho=3", "lora_da"]
+
+
+def test_a_variant_names_its_column_and_the_plain_init_keeps_its_name(tmp_path):
+    write_variant_records(tmp_path)
+    long = tables.long_format(results.load_records(tmp_path, "ablation"))
+    assert tables.method_order(long["method"].unique()) == VARIANT_COLUMNS
+    # the same variant label run under two configs still gets one column per config
+    run = {"experiment": "e", "task": "t", "model": "m", "init": "eva", "rank": 2, "seed": 0}
+    for config_hash in ("a", "b"):
+        results.write_record(tmp_path / "e" / f"{config_hash}.json", {
+            "run": {**run, "config_hash": config_hash}, "status": "success", "metrics": {"x/nll": 1.0},
+            "finished_at": "2026-01-01", "config": {"variant": "rho=2"}})
+    assert sorted(tables.long_format(results.load_records(tmp_path, "e"))["method"]) == ["eva rho=2@a",
+                                                                                          "eva rho=2@b"]
+
+
+def test_variants_are_compared_with_plain_random_seed_by_seed(tmp_path):
+    write_variant_records(tmp_path)
+    tables.write_tables(tmp_path, "ablation", tmp_path / "tables")
+    csv = pd.read_csv(tmp_path / "tables" / "ablation.csv")
+    nll = csv[(csv.metric == "gsm8k/nll") & (csv["rank"] == 2)].set_index("method")
+    assert sorted(nll.index) == sorted(VARIANT_COLUMNS)
+    base = VARIANT_NLL["random", None, 2]
+    for (init, variant, _), verdict in {("eva", "rho=1", 2): "better", ("eva", "rho=1.5", 2): "inconclusive",
+                                        ("eva", "rho=3", 2): "worse", ("random", "rslora", 2): "inconclusive"}.items():
+        row = nll.loc[f"{init} {variant}"]
+        mean, low, high = paired_t(VARIANT_NLL[init, variant, 2], base)
+        assert row["diff"] == pytest.approx(mean, abs=1e-6) and row["pairs"] == 3
+        assert (row["ci_low"], row["ci_high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
+        assert row["verdict"] == verdict and (verdict != "inconclusive") == (low > 0 or high < 0)
+    assert pd.isna(nll.loc["random", "diff"])  # the baseline itself
+
+    md = (tmp_path / "tables" / "ablation.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| task"))
+    assert [c.strip() for c in header.strip("|").split("|")][4:] == VARIANT_COLUMNS
+    paired_header = [line for line in md.splitlines() if line.startswith("| task")][1]
+    assert [c.strip() for c in paired_header.strip("|").split("|")][4:] == [
+        f"{m} − random" for m in VARIANT_COLUMNS[1:]]
+    row = next(line for line in md.splitlines() if line.startswith("| math") and "|      2 | gsm8k/nll" in line)
+    cells = dict(zip(VARIANT_COLUMNS, [c.strip() for c in row.strip("|").split("|")][4:]))
+    assert cells["eva rho=1"].endswith("▲") and cells["eva rho=3"].endswith("▼")
+    assert not any(mark in cells[m] for m in ("eva rho=1.5", "random rslora") for mark in "▲▼")
+
+    lr = csv[csv.metric == results.LR_ROW].set_index(["method", "rank"])["mean"]  # each variant's own chosen lr
+    for init, variant, rank in VARIANT_NLL:
+        method = init if variant is None else f"{init} {variant}"
+        assert lr[method, rank] == pytest.approx(selected_lr(init, variant, rank))
