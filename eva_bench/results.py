@@ -4,7 +4,9 @@ Path: ``<results_dir>/<experiment>/<task>--<model>--<init>--r<rank>--s<seed>--<c
 the whole run config but ``IGNORED_FOR_HASH`` (seed, which the name carries, and bookkeeping: force, logging, paths,
 threads, device, save_adapter, a variant's label), so a changed config never overwrites or masquerades as an old
 result. The experiment name is in the config, so it is in the hash: a run is identified within its experiment, and the same settings in two
-experiments (language_cpu and language_cpu_controls share their random runs) have two ids; compare them by config. A sweep restarted after a kill skips every finished run (success or
+experiments (language_cpu and language_cpu_controls share their random runs) have two ids; compare them by config.
+A key added later is hashed only away from its old default, and a moved value as it was spelled (``ADDED_LATER``,
+``MOVED``), so committed records keep their ids. A sweep restarted after a kill skips every finished run (success or
 diverged: both are results) and reruns failed or missing ones; a write is a rename, so a kill leaves no half file.
 
 Every record is strict JSON (a non-finite number is written as null and its place listed under ``non_finite``) and
@@ -49,6 +51,10 @@ ADDED_LATER = {  # keys added after records were committed: at this value they a
     ("model", "domain"): "language",
     ("task", "domain"): "language",
 }
+MOVED = {  # a value's spelling now -> the one committed ids were hashed with (a move that changes no result)
+    f"tasks.language.answers.{scorer}": f"tasks.language.evaluate.{scorer}"
+    for scorer in ("gsm8k_correct", "math_correct", "commonsense_correct")
+}
 
 
 def config_hash(config: dict) -> str:
@@ -60,7 +66,15 @@ def config_hash(config: dict) -> str:
             relevant[section] = {k: v for k, v in block.items() if k != key}
     if (relevant.get("protocol") or {}).get("name", "fixed") == "fixed":  # the default: records from before
         relevant.pop("protocol", None)  # protocols existed keep their ids
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(_as_before(relevant), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _as_before(node):
+    if isinstance(node, dict):
+        return {k: _as_before(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_as_before(v) for v in node]
+    return MOVED.get(node, node) if isinstance(node, str) else node
 
 
 def run_id(task: str, model: str, init: str, rank: int, seed: int, config: dict) -> str:

@@ -67,12 +67,12 @@ def init_both(batches) -> dict:
 def evaluate_tiny() -> dict:
     """The language evaluators (each rank its share of the examples) on 5 GSM8K and 3 BoolQ test examples with
     stories260K."""
-    from tasks.language import data, evaluate
+    from tasks.language import answers, data, evaluate
     from tasks.language.models import stories260k
 
     model, tokenizer = stories260k()
     math, boolq = data.gsm8k_test(limit=5), data.commonsense_test("boolq", limit=3)
-    generated = evaluate.generation_accuracy(model, tokenizer, math, evaluate.gsm8k_correct, max_new_tokens=4,
+    generated = evaluate.generation_accuracy(model, tokenizer, math, answers.gsm8k_correct, max_new_tokens=4,
                                              batch_size=2, keep_outputs=True)
     return {"outputs": generated["outputs"], "n": generated["n"],
             "nll": evaluate.answer_nll(model, tokenizer, math, batch_size=2)["nll"],

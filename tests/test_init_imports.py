@@ -85,3 +85,16 @@ def test_the_checks_see_lazy_imports_and_circles(tmp_path):
     graph = import_graph(tmp_path, "pkg")
     assert graph == {"__init__": {"a"}, "a": {"__init__", "b"}, "b": {"a"}}
     assert find_circle(graph) == ["__init__", "a", "__init__"]
+
+
+def test_the_library_s_tests_import_no_task_module():
+    """Tests of eva_bench/init (test_init_*.py) build their models and batches with tests/helpers.py: a recipe's
+    test (test_language_eva_is_peft.py) is where a task's data meets the library."""
+    tests = sorted(Path(__file__).parent.glob("test_init_*.py"))
+    imported = {path.name: {alias.name for node in ast.walk(ast.parse(path.read_text()))
+                            for alias in getattr(node, "names", []) if isinstance(node, ast.Import)} |
+                {node.module for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+                for path in tests}
+    assert tests and not {name: sorted(m for m in found if m.split(".")[0] == "tasks")
+                          for name, found in imported.items() if any(m.split(".")[0] == "tasks" for m in found)}

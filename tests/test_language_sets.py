@@ -68,7 +68,7 @@ def test_exact_and_math_scorers_and_an_unknown_name():
     assert A.SCORERS["exact"]("The answer is: New  York.\nmore text", _example("new york"))
     assert not A.SCORERS["exact"]("The answer is: York", _example("new york"))
     assert A.SCORERS["math"]("so \\boxed{\\frac12}", _example("0.5"))
-    assert A.scorer("tasks.language.evaluate.gsm8k_correct") is A.gsm8k_correct  # the built-in sets' dotted paths
+    assert A.scorer("tasks.language.answers.gsm8k_correct") is A.gsm8k_correct  # the built-in sets' dotted paths
     with pytest.raises(ValueError, match="unknown scorer 'numbr'; valid: number, choice, exact, math"):
         A.scorer("numbr")
 

@@ -153,3 +153,13 @@ def test_the_experiment_name_is_in_the_hash_and_bookkeeping_is_not():
     assert config_hash(base) != config_hash({**base, "experiment_name": "b"})
     for key in IGNORED_FOR_HASH:
         assert config_hash(base) == config_hash({**base, key: "anything"}), key
+
+
+def test_a_moved_scorer_and_a_key_added_at_its_default_keep_a_committed_id():
+    before = {"experiment_name": "x", "model": {"name": "m"}, "task": {"evals": {"gsm8k": {
+        "scorer": "tasks.language.evaluate.gsm8k_correct"}}}}
+    now = {"experiment_name": "x", "model": {"name": "m", "domain": "language"}, "task": {"domain": "language",
+           "evals": {"gsm8k": {"scorer": "tasks.language.answers.gsm8k_correct"}}}}
+    assert results.config_hash(now) == results.config_hash(before)
+    elsewhere = {**now, "model": {"name": "m", "domain": "vision"}}
+    assert results.config_hash(elsewhere) != results.config_hash(before)

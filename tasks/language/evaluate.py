@@ -12,9 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from eva_bench import distributed
-from tasks.language.answers import (  # noqa: F401 - re-exported: conf/task/ names the scorers by these paths
-    commonsense_correct, gsm8k_correct, math_correct,
-)
 from tasks.language.data import Example, collate, prompt_ids, target_ids, tokenize
 
 # ----------------------------------------------------------------------------------------------------------------
