@@ -240,18 +240,20 @@ def heatmap(ax, layers, kinds, matrix, fmt: str, cmap: str, title: str):
 
 def eva_ranks_figure(exp: Experiment):
     """EVA's realised rank per layer and module type, and the explained variance of its components (one run per
-    rank: the first task, lowest seed)."""
+    rank and column, EVA's variants apart: the first task, lowest seed)."""
     eva = sorted((r for r in exp.records if r["run"]["init"] == "eva" and (r.get("init_report") or {}).get("ranks")),
                  key=lambda r: (r["run"]["rank"], r["run"]["task"], r["run"]["seed"]))
     picked = {}
-    for record in eva:
-        picked.setdefault(record["run"]["rank"], record)  # EVA redistributes a budget of r x layers: one per r
+    for record in eva:  # EVA redistributes a budget of r x layers, and a variant (rho, calibration) changes how
+        picked.setdefault((record["run"]["rank"], method_of(record)), record)
     if not picked:
         return None
-    fig, axes = grid(len(picked), 2, width=4.6, height=3.2)
-    for row, (rank, record) in zip(axes, sorted(picked.items())):
+    columns = tables.method_order({method for _, method in picked})  # the tables' order: rho=1 < rho=1.5 < rho=2
+    rows = sorted(picked.items(), key=lambda item: (item[0][0], columns.index(item[0][1])))
+    fig, axes = grid(len(rows), 2, width=4.6, height=3.2)
+    for row, ((rank, method), record) in zip(axes, rows):
         report, run = record["init_report"], record["run"]
-        where = f"r = {rank}, {run['task']}, seed {run['seed']}"
+        where = f"{method}, r = {rank}, {run['task']}, seed {run['seed']}"
         image = heatmap(row[0], *layer_grid(report["ranks"]), "g", "viridis", f"realised rank ({where})")
         fig.colorbar(image, ax=row[0], shrink=0.8)
         variance = (report.get("details") or {}).get("explained_variance")

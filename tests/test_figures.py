@@ -118,6 +118,24 @@ def test_eva_heatmaps_lay_out_ranks_and_explained_variance_by_layer_and_module(t
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["self_attn.q_proj", "mlp.down_proj"]
 
 
+def test_eva_heatmaps_show_each_variant_of_eva_apart(tmp_path):
+    # rho changes how EVA redistributes its budget: one heatmap row per rank and variant, in the tables' order
+    realised = {"rho=10": {"model.layers.0.self_attn.q_proj": 8}, "rho=2": {"model.layers.0.self_attn.q_proj": 5},
+                None: {"model.layers.0.self_attn.q_proj": 4}}
+    for variant, ranks in realised.items():
+        for seed in (1, 0):  # the lowest seed is drawn, whatever the files' order
+            run = {"experiment": "rho", "task": "math", "model": "tiny", "init": "eva", "rank": 4, "seed": seed,
+                   "config_hash": f"h{variant}"}
+            results.write_record(tmp_path / "rho" / f"{variant}-{seed}.json", {
+                "run": run, "status": "success", "metrics": {"gsm8k/nll": 2.0}, "config": {"variant": variant},
+                "init_report": {"method": "eva", "ranks": {k: v + seed for k, v in ranks.items()}}})
+    fig = figures.eva_ranks_figure(figures.load(tmp_path, "rho"))
+    rows = [ax for ax in fig.axes if ax.images and ax.get_title().startswith("realised rank")]
+    assert [ax.get_title() for ax in rows] == [f"realised rank ({m}, r = 4, math, seed 0)"
+                                               for m in ("eva", "eva rho=2", "eva rho=10")]
+    assert [ax.images[0].get_array()[0, 0] for ax in rows] == [4, 5, 8]
+
+
 def test_loss_figure_draws_the_mean_curve_and_the_seed_range(tmp_path):
     write_demo(tmp_path)
     fig = figures.loss_figure(figures.load(tmp_path, "demo"))
