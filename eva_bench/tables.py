@@ -206,15 +206,15 @@ def paired_cell(r, places: int) -> str:
             f"{MARKS[r['verdict']]} need {need}")
 
 
-def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, model, rank, metric), one column per method: its paired difference from random."""
+def paired_table(paired: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """One row per (task, model, rank, metric), one column per method: its paired difference from ``baseline``."""
     methods = method_order(paired["method"].unique())
     rows = []
     for key, group in paired.groupby(KEYS, sort=True):
         by_method = group.set_index("method")
         row = dict(zip(KEYS, key))
         for m in methods:
-            row[f"{m} − {BASELINE}"] = "" if m not in by_method.index else paired_cell(by_method.loc[m],
+            row[f"{m} − {baseline}"] = "" if m not in by_method.index else paired_cell(by_method.loc[m],
                                                                                         diff_digits(key[3]))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -244,6 +244,19 @@ def aggregate_tables(agg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def paired_with_random(long: pd.DataFrame) -> pd.DataFrame:
     return stats.paired_differences(long[long["metric"] != LR_ROW], KEYS, BASELINE, tol=print_tol)
+
+
+def paired_with_plain(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """An ablation's own question: each variant of an init (other than random, whose variants the random table
+    already compares) against that init's plain column, seed by seed. {init: paired differences}."""
+    split = long["method"].map(split_method)
+    init, variant, config = (split.str[i] for i in range(3))
+    out = {}
+    for name in method_order(init[(variant != "") & (init != BASELINE)].unique()):
+        own = long[(init == name) & (config == "") & (long["metric"] != LR_ROW)]
+        if name in set(own["method"]):
+            out[name] = stats.paired_differences(own, KEYS, name, tol=print_tol)
+    return out
 
 
 PAIRED_NOTE = (
@@ -283,6 +296,10 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     sections = [table.to_markdown(index=False)]
     if len(paired):
         sections.append(f"{PAIRED_NOTE}\n\n{paired_table(paired).to_markdown(index=False)}")
+    for init, own in paired_with_plain(long).items():
+        if len(own):
+            sections.append(f"The variants of {init} against plain {init} (paired as above: the ablation's question):"
+                            f"\n\n{paired_table(own, baseline=init).to_markdown(index=False)}")
     if len(means):  # the task-group averages get a table of their own below the per-task one
         agg_means, paired_means = aggregate(means), paired_with_random(means)
         means_table, _ = build_table(agg_means, paper, paired_means)

@@ -236,3 +236,23 @@ def test_variants_are_compared_with_plain_random_seed_by_seed(tmp_path):
     for init, variant, rank in VARIANT_NLL:
         method = init if variant is None else f"{init} {variant}"
         assert lr[method, rank] == pytest.approx(selected_lr(init, variant, rank))
+
+
+def test_a_variant_is_also_compared_with_its_own_plain_init(tmp_path):
+    # the ablation's question (does label masking change EVA?) is eva variant - eva, not only each against random
+    nll = {("random", None): [2.90, 2.92, 2.94], ("eva", None): [2.80, 2.85, 2.83],
+           ("eva", "label_mask=True"): [2.75, 2.79, 2.80], ("random", "rslora"): [2.91, 2.90, 2.95]}
+    for (init, variant), values in nll.items():
+        for seed, value in enumerate(values):
+            run = {"experiment": "mask", "task": "math", "model": "tiny", "init": init, "rank": 8, "seed": seed,
+                   "config_hash": f"{init}{variant}"}
+            results.write_record(tmp_path / "mask" / f"{init}-{variant}-{seed}.json", {
+                "run": run, "status": "success", "metrics": {"gsm8k/nll": value}, "config": {"variant": variant},
+                "finished_at": f"2026-01-0{seed + 1}"})
+    md = tables.write_tables(tmp_path, "mask", tmp_path / "tables").read_text()
+    section = md.split("against plain eva")[1]
+    header, _, row = [line for line in section.splitlines() if line.startswith("|")][:3]
+    assert [c.strip() for c in header.strip("|").split("|")][4:] == ["eva label_mask=True − eva"]
+    mean, low, high = paired_t(nll["eva", "label_mask=True"], nll["eva", None])
+    assert row.split("|")[5].strip().startswith(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+    assert "against plain random" not in md  # random's variants are in the table against random already
