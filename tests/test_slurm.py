@@ -30,11 +30,15 @@ def _env(**extra):
             **extra}
 
 
-def _sbatch_script(launcher: str, tmp_path) -> str:
+def _sbatch_script(launcher: str, tmp_path, monkeypatch) -> str:
     """The sbatch script hydra-submitit-launcher would submit for this launcher profile, built the way its launch()
-    builds it (init keys to the executor, the queue's common keys unprefixed, the rest as slurm_<key>)."""
+    builds it (init keys to the executor, the queue's common keys unprefixed, the rest as slurm_<key>). Only the
+    text is built, nothing submitted: submitit's "is srun on PATH" probe is told yes, so this runs off a cluster too
+    (CI's fresh machine has no SLURM; the slow test below submits for real)."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="language", return_hydra_config=True, overrides=[
@@ -49,8 +53,8 @@ def _sbatch_script(launcher: str, tmp_path) -> str:
     return executor._executor._make_submission_file_text("true", "uid")
 
 
-def test_slurm_cpu_profile_asks_a_cpu_partition_for_no_gpu_one_core_and_a_few_gb(tmp_path):
-    cpu, gpu = _sbatch_script("slurm_cpu", tmp_path), _sbatch_script("slurm", tmp_path)
+def test_slurm_cpu_profile_asks_a_cpu_partition_for_no_gpu_one_core_and_a_few_gb(tmp_path, monkeypatch):
+    cpu, gpu = _sbatch_script("slurm_cpu", tmp_path, monkeypatch), _sbatch_script("slurm", tmp_path, monkeypatch)
     assert "--gpus-per-node=1" in gpu  # what a CPU-only partition refuses
     assert "gpu" not in cpu.lower() and "gres" not in cpu
     assert "--cpus-per-task=1\n" in cpu and "--mem=4GB\n" in cpu and "--partition=cpu\n" in cpu
