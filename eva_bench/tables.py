@@ -259,6 +259,19 @@ def paired_with_plain(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def paired_with_random_variant(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Where random ran under a variant too (use_rslora=True), each other init's same variant against it: the init
+    comparison under that setting. {random's column: paired differences}."""
+    split = long["method"].map(split_method)
+    init, variant, config = (split.str[i] for i in range(3))
+    out = {}
+    for label in sorted(set(variant[(init == BASELINE) & (variant != "") & (config == "")]), key=natural_key):
+        same = long[(variant == label) & (config == "") & (long["metric"] != LR_ROW)]
+        if same["method"].nunique() > 1:
+            out[f"{BASELINE} {label}"] = stats.paired_differences(same, KEYS, f"{BASELINE} {label}", tol=print_tol)
+    return out
+
+
 PAIRED_NOTE = (
     "Paired differences from random: method − random on the seeds both have (same data order, same calibration"
     " batches), mean [95 % Student-t interval]; ▲ better, ▼ worse where the interval excludes 0 as printed. A"
@@ -300,6 +313,10 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
         if len(own):
             sections.append(f"The variants of {init} against plain {init} (paired as above: the ablation's question):"
                             f"\n\n{paired_table(own, baseline=init).to_markdown(index=False)}")
+    for base, same in paired_with_random_variant(long).items():
+        if len(same):
+            sections.append(f"Under the same setting, against {base} (paired as above):"
+                            f"\n\n{paired_table(same, baseline=base).to_markdown(index=False)}")
     if len(means):  # the task-group averages get a table of their own below the per-task one
         agg_means, paired_means = aggregate(means), paired_with_random(means)
         means_table, _ = build_table(agg_means, paper, paired_means)

@@ -238,10 +238,11 @@ def test_variants_are_compared_with_plain_random_seed_by_seed(tmp_path):
         assert lr[method, rank] == pytest.approx(selected_lr(init, variant, rank))
 
 
-def test_a_variant_is_also_compared_with_its_own_plain_init(tmp_path):
+def test_a_variant_is_also_compared_with_its_own_plain_init_and_with_random_under_its_setting(tmp_path):
     # the ablation's question (does label masking change EVA?) is eva variant - eva, not only each against random
     nll = {("random", None): [2.90, 2.92, 2.94], ("eva", None): [2.80, 2.85, 2.83],
-           ("eva", "label_mask=True"): [2.75, 2.79, 2.80], ("random", "rslora"): [2.91, 2.90, 2.95]}
+           ("eva", "label_mask=True"): [2.75, 2.79, 2.80], ("random", "rslora"): [2.91, 2.90, 2.95],
+           ("eva", "rslora"): [2.86, 2.84, 2.90]}
     for (init, variant), values in nll.items():
         for seed, value in enumerate(values):
             run = {"experiment": "mask", "task": "math", "model": "tiny", "init": init, "rank": 8, "seed": seed,
@@ -252,7 +253,13 @@ def test_a_variant_is_also_compared_with_its_own_plain_init(tmp_path):
     md = tables.write_tables(tmp_path, "mask", tmp_path / "tables").read_text()
     section = md.split("against plain eva")[1]
     header, _, row = [line for line in section.splitlines() if line.startswith("|")][:3]
-    assert [c.strip() for c in header.strip("|").split("|")][4:] == ["eva label_mask=True − eva"]
+    assert [c.strip() for c in header.strip("|").split("|")][4:] == ["eva label_mask=True − eva", "eva rslora − eva"]
     mean, low, high = paired_t(nll["eva", "label_mask=True"], nll["eva", None])
     assert row.split("|")[5].strip().startswith(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
     assert "against plain random" not in md  # random's variants are in the table against random already
+    # under a setting random also ran with, the init comparison within that setting
+    section = md.split("Under the same setting, against random rslora")[1]
+    header, _, row = [line for line in section.splitlines() if line.startswith("|")][:3]
+    assert [c.strip() for c in header.strip("|").split("|")][4:] == ["eva rslora − random rslora"]
+    mean, low, high = paired_t(nll["eva", "rslora"], nll["random", "rslora"])
+    assert row.split("|")[5].strip().startswith(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
