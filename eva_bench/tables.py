@@ -259,6 +259,17 @@ def paired_with_plain(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def pair_table(results_dir: Path, experiment: str, method: str, base: str) -> pd.DataFrame:
+    """Any two columns of an experiment, ``method`` − ``base``, paired by seed as the tables pair with random."""
+    long = long_format(load_records(results_dir, experiment))
+    missing = {method, base} - set(long["method"])
+    if missing:
+        raise SystemExit(f"{experiment}: no column {', '.join(sorted(missing))}; its columns: "
+                         f"{', '.join(method_order(long['method'].unique()))}")
+    both = long[long["method"].isin([method, base]) & (long["metric"] != LR_ROW)]
+    return paired_table(stats.paired_differences(both, KEYS, base, tol=print_tol), baseline=base)
+
+
 def paired_with_random_variant(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Where random ran under a variant too (use_rslora=True), each other init's same variant against it: the init
     comparison under that setting. {random's column: paired differences}."""
@@ -399,7 +410,14 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"), help="the records root")
     parser.add_argument("--out", type=Path, default=None, help="where tables go (default: <results>/tables)")
     parser.add_argument("--experiment", action="append", help="only these experiments (default: all)")
+    parser.add_argument("--pair", nargs=2, metavar=("METHOD", "BASE"),
+                        help="print METHOD − BASE (two columns, e.g. 'eva rho=2' 'eva rho=1'), paired by seed, for "
+                             "each experiment instead of writing tables")
     args = parser.parse_args(argv)
+    if args.pair:
+        for experiment in args.experiment or experiments(args.results):
+            print(f"# {experiment}\n\n{pair_table(args.results, experiment, *args.pair).to_markdown(index=False)}")
+        return
     out = args.out or args.results / "tables"
     for experiment in args.experiment or experiments(args.results):
         path = write_tables(args.results, experiment, out)

@@ -263,3 +263,13 @@ def test_a_variant_is_also_compared_with_its_own_plain_init_and_with_random_unde
     assert [c.strip() for c in header.strip("|").split("|")][4:] == ["eva rslora − random rslora"]
     mean, low, high = paired_t(nll["eva", "rslora"], nll["random", "rslora"])
     assert row.split("|")[5].strip().startswith(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+
+
+def test_pair_prints_any_two_columns_paired_by_seed_and_names_the_columns_when_one_is_missing(tmp_path, capsys):
+    write_variant_records(tmp_path)
+    tables.main(["--results", str(tmp_path), "--experiment", "ablation", "--pair", "eva rho=3", "eva rho=1"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "|      2 | gsm8k/nll" in line)
+    mean, low, high = paired_t(VARIANT_NLL["eva", "rho=3", 2], VARIANT_NLL["eva", "rho=1", 2])
+    assert row.split("|")[5].strip().startswith(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+    with pytest.raises(SystemExit, match="no column eva rho=2; its columns: random, random rslora, eva rho=1"):
+        tables.main(["--results", str(tmp_path), "--experiment", "ablation", "--pair", "eva rho=2", "eva rho=1"])
