@@ -1,11 +1,19 @@
-"""The RL experiments compose under conf/rl.yaml with every sweep point; the paper config holds the paper's numbers."""
+"""The RL experiments compose under conf/rl.yaml with every sweep point; the paper config holds the paper's numbers
+and plans the columns they are shown beside."""
 
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
+from eva_bench import tables
 from eva_bench.init import INITS
+from hydra_plugins.eva_bench_sweeper.skip_finished_sweeper import SkipFinishedSweeper
 from tasks.rl import envs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -22,7 +30,10 @@ def test_every_rl_sweep_point_composes_with_rl_options(experiment):
     cfg = compose_rl([f"experiment={experiment}"])
     assert cfg.experiment_name == experiment and cfg.model.domain == "rl" and cfg.task.domain == "rl"
     params = cfg.hydra.sweeper.params
-    for init in str(params.init).split(","):
+    grids = cfg.hydra.sweeper.get("grids") or []
+    inits = [str(source.init) for source in (params, *grids) if "init" in source]
+    assert inits, "the sweep names its inits in params or in its grids"
+    for init in ",".join(inits).split(","):
         assert init in INITS
     for task in str(params["task.finetune"]).split(","):
         envs.check_task(task)
@@ -45,3 +56,32 @@ def test_language_options_carry_no_domain_key():
         for f in (CONF / group).glob("*.yaml"):
             text = f.read_text()
             assert ("domain: rl" in text) == (f.stem.startswith(("dt_", "mw_"))), f
+
+
+def planned(experiment: str) -> list[dict]:
+    """The runs the sweeper plans for an experiment (params crossed with each grid, plus the variant label), as
+    override dicts; the same code path as a dry run, without composing each run's config."""
+    sweeper_cfg = OmegaConf.to_container(compose_rl([f"experiment={experiment}"]).hydra.sweeper)
+    params = {key: str(value) for key, value in sweeper_cfg["params"].items()}
+    # the planning method alone, on the state it reads (Hydra, not a test, instantiates sweepers)
+    sweeper = SimpleNamespace(params=params, grids=[dict(g) for g in sweeper_cfg.get("grids") or []], arguments=[],
+                              hydra_context=SimpleNamespace(config_loader=None))
+    overrides = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    return [dict(o.split("=", 1) for o in job) for job in SkipFinishedSweeper._every_job(sweeper, overrides)]
+
+
+def columns(runs: list[dict]) -> Counter:
+    """How many runs each tables column gets (variant labels as tables.method_name spells them)."""
+    return Counter(tables.method_name(run["init"], run.get("variant", "").strip("'") or None) for run in runs)
+
+
+def test_paper_rl_cw10_runs_eva_dora_as_a_variant_of_eva_only():
+    runs = planned("paper_rl_cw10")
+    assert columns(runs) == {"random": 120, "eva": 120, "eva use_dora=True": 120}  # 10 tasks x 4 ranks x 3 seeds
+    assert all(run.get("lora.use_dora", "False") == str("variant" in run) for run in runs)
+
+
+def test_every_paper_rl_method_is_a_column_the_paper_experiment_fills():
+    paper = pd.read_csv(tables.PAPER_DIR / "eva_v5_rl.csv")
+    assert set(paper["method"]) == set(columns(planned("paper_rl_cw10")))
+    assert paper.set_index("method")["value"].to_dict() == {"random": 0.86, "eva": 0.90, "eva use_dora=True": 0.94}
