@@ -1,6 +1,9 @@
-"""The RL experiments compose under conf/rl.yaml with every sweep point; the paper config holds the paper's numbers
-and plans the columns they are shown beside."""
+"""The RL experiments compose under conf/rl.yaml with every sweep point; the paper config holds the paper's numbers;
+the CW10 experiments plan the runs (and variant columns) they say."""
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,6 +61,10 @@ def test_language_options_carry_no_domain_key():
             assert ("domain: rl" in text) == (f.stem.startswith(("dt_", "mw_"))), f
 
 
+CW10 = ["hammer-v3", "push-wall-v3", "faucet-close-v3", "push-back-v3", "stick-pull-v3", "handle-press-side-v3",
+        "push-v3", "shelf-place-v3", "window-close-v3", "peg-unplug-side-v3"]  # Continual World's order
+
+
 def planned(experiment: str) -> list[dict]:
     """The runs the sweeper plans for an experiment (params crossed with each grid, plus the variant label), as
     override dicts; the same code path as a dry run, without composing each run's config."""
@@ -85,3 +92,49 @@ def test_every_paper_rl_method_is_a_column_the_paper_experiment_fills():
     paper = pd.read_csv(tables.PAPER_DIR / "eva_v5_rl.csv")
     assert set(paper["method"]) == set(columns(planned("paper_rl_cw10")))
     assert paper.set_index("method")["value"].to_dict() == {"random": 0.86, "eva": 0.90, "eva use_dora=True": 0.94}
+
+
+def test_cw10_cpu_task_holds_out_all_of_cw10():
+    cfg = compose_rl(["task=mw_cw10_cpu"])
+    assert len(cfg.task.pretrain_tasks) == 10 == len(set(cfg.task.pretrain_tasks))
+    assert not set(cfg.task.pretrain_tasks) & set(CW10)  # push-v3 is a CW10 task: not pretrained on here
+    paper = compose_rl(["task=mw_mt40_cw10"]).task.pretrain_tasks
+    assert set(cfg.task.pretrain_tasks) <= set(paper)  # MT40 tasks, as the paper's split
+
+
+def test_rl_cw10_cpu_plans_the_power_analysis_design():
+    cfg = compose_rl(["experiment=rl_cw10_cpu"])
+    assert cfg.task.name == "mw_cw10_cpu" and cfg.task.eval_episodes == 20 and cfg.optim.lr == 3e-3
+    assert cfg.protocol.name == "fixed" and cfg.paper.table == "eva_v5_rl"
+    runs = planned("rl_cw10_cpu")
+    assert columns(runs) == {"random": 100, "eva": 100, "eva use_dora=True": 100}  # 10 tasks x 10 seeds each
+    seed0 = [run["task.finetune"] for run in runs[:30] if run["init"] == "random"]
+    assert seed0 == CW10 and {run["lora.r"] for run in runs} == {"8"}  # Continual World's task order
+    assert [run["seed"] for run in runs] == [str(s) for s in range(10) for _ in range(30)]  # seed outermost
+    paper = pd.read_csv(tables.PAPER_DIR / "eva_v5_rl.csv")
+    assert set(paper["method"]) == set(columns(runs))  # every paper number lands beside one of our columns
+
+
+def test_rl_cw10_cpu_pilot_is_random_only_on_three_seeds():
+    runs = planned("rl_cw10_cpu_pilot")
+    assert columns(runs) == {"random": 30}
+    assert {run["task.finetune"] for run in runs} == set(CW10) and {run["seed"] for run in runs} == {"0", "1", "2"}
+    assert compose_rl(["experiment=rl_cw10_cpu_pilot"]).task.eval_episodes == 20
+
+
+@pytest.mark.slow
+def test_rl_cw10_cpu_dry_run_plans_300_runs_with_the_dora_variant(tmp_path):
+    """The real dry run (composing each of the 300 configs: about 2 minutes on a loaded 2-core machine)."""
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "tasks.rl.train", "-m", "experiment=rl_cw10_cpu",
+                           f"results_dir={tmp_path}", "hydra.sweeper.dry_run=true",
+                           f"hydra.sweep.dir={tmp_path}/multirun"],
+                          cwd=repo, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
+                          timeout=900)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "0 of 300 runs have a finished record: launching 300" in log
+    launched = [line.split("would launch ")[1] for line in log.splitlines() if "would launch" in line]
+    assert len({line.split()[0] for line in launched}) == 300  # every run its own id
+    assert sum("variant='use_dora=True'" in line for line in launched) == 100
+    assert all(("lora.use_dora=True" in line) == ("variant=" in line) for line in launched)
