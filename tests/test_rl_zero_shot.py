@@ -21,7 +21,8 @@ def test_zero_shot_matches_a_run_that_changes_nothing(tmp_path):
     assert rows[0]["success_rate"] == record["metrics"]["rollout/success_rate"]
     assert rows[0]["return"] == pytest.approx(record["metrics"]["rollout/return"], rel=1e-9)
     assert rows[1]["return"] != rows[0]["return"]
-    assert "| window-close-v3 |" in zero_shot.table(rows)
+    assert 0 <= rows[0]["expert_success"] <= 1 and rows[0]["expert_success"] == rows[1]["expert_success"]
+    assert zero_shot.table(rows).splitlines()[2].startswith(f"| window-close-v3 | {rows[0]['expert_success']:.2f}, ")
 
 
 def test_the_pilot_s_tasks_and_seeds_come_from_its_sweep():

@@ -5,7 +5,8 @@
 For every ``task.finetune`` the experiment sweeps, it rolls out the cached pretrained checkpoint (built first if
 missing, as a run would) with the rollouts a fine-tuning run of that seed makes: the same goal variations
 (``evaluate.rollout``'s seeding), ``task.eval_episodes`` of them, conditioned on the same target return (the best
-return in the task's expert data). A fine-tuned run's success minus this number, seed by seed, is what fine-tuning
+return in the task's expert data). Beside it, the expert data's own success: the share of its episodes that succeed
+and when they first do. A fine-tuned run's success minus this number, seed by seed, is what fine-tuning
 added. Prints a markdown table; where the experiment has records (``results/<experiment_name>/``), a second one puts
 each task's fine-tuned success (mean and SD over seeds, per init and rank) beside its zero-shot success, and the gain
 over the seeds both have. ``--json`` also writes per task and seed the success rate and episodes.
@@ -59,23 +60,31 @@ def zero_shot(cfg: DictConfig, tasks: list[str], seeds: list[int]) -> list[dict]
         spec = expert_spec(cfg, task)
         episodes = rl_data.load_episodes(rl_data.dataset(spec), envs.make(task, spec.max_episode_steps))
         target_return = max(float(ep.rewards.sum()) for ep in episodes)  # as tasks/rl/train.py conditions
+        # the demonstrations' own success: what imitating them can reach, and when their successes come
+        firsts = [int(np.argmax(ep.successes)) + 1 for ep in episodes if ep.successes is not None and ep.successes.any()]
+        expert = {"expert_success": len(firsts) / len(episodes),
+                  "expert_first_success": [min(firsts), int(np.median(firsts)), max(firsts)] if firsts else None}
         for seed in seeds:
             out = rollout(model, task, normalizer=meta["normalizer"], context=cfg.model.context,
                           return_scale=cfg.task.return_scale, target_return=target_return,
                           episodes=cfg.task.eval_episodes, max_episode_steps=spec.max_episode_steps, seed=seed)
             rows.append({"task": task, "seed": seed, "success_rate": out["success_rate"], "return": out["return"],
-                         "episodes": out["episodes"], "errors": out["errors"], "checkpoint": Path(meta["path"]).name})
+                         "episodes": out["episodes"], "errors": out["errors"], "checkpoint": Path(meta["path"]).name,
+                         **expert})
             print(f"{task} seed {seed}: zero-shot success {out['success_rate']:.2f}", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in rows})
-    lines = ["| task | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-             "|---|" + "---|" * (len(seeds) + 1)]
+    lines = ["| task | expert data: success, first success at step (min, median, max) | zero-shot: "
+             + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|---|" + "---|" * (len(seeds) + 1)]
     for task in dict.fromkeys(r["task"] for r in rows):
         values = {r["seed"]: r["success_rate"] for r in rows if r["task"] == task}
-        lines.append(f"| {task} | " + " | ".join(f"{values[s]:.2f}" for s in seeds)
+        first = next(r for r in rows if r["task"] == task)
+        steps = first.get("expert_first_success")
+        expert = f"{first['expert_success']:.2f}, {steps}" if "expert_success" in first else ""
+        lines.append(f"| {task} | {expert} | " + " | ".join(f"{values[s]:.2f}" for s in seeds)
                      + f" | {np.mean(list(values.values())):.2f} |")
     return "\n".join(lines)
 
