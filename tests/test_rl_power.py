@@ -45,3 +45,10 @@ def test_a_single_init_pilot_is_read_as_two_unpaired_runs(tmp_path):
     per_seed = np.mean(list(success.values()), axis=0)  # 0.4, 0.45, 0.6
     assert f"variance over seeds of the init's mean over tasks, {2 * per_seed.var(ddof=1):.4f} at 20 episodes" in text
     assert "6 runs, 2 held-out tasks, 20 episodes per run" in text and "| 10 | 20 |" in text and "nan" not in text
+
+
+def test_the_analysis_of_the_committed_cw10_pilot():
+    """docs/rl-power.md's CW10 pilot numbers come from these records: one init, 10 tasks, 20 episodes per run."""
+    text = power.analyse("rl_cw10_cpu_pilot", delta=0.1, target=0.05, seeds_grid=[3, 10], episodes_grid=[20])
+    assert "30 runs, 10 held-out tasks, 20 episodes per run" in text and "One init only" in text
+    assert "| 10 | 20 | 0.028 ✓ |" in text and "nan" not in text
