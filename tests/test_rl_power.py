@@ -25,3 +25,30 @@ def test_the_analysis_of_the_committed_rl_cpu_records():
     text = power.analyse("rl_cpu", delta=0.1, target=0.05, seeds_grid=[3, 10], episodes_grid=[10])
     assert "72 runs, 3 held-out tasks, 10 episodes per run" in text
     assert "| 3 | 10 |" in text and "| 10 | 10 |" in text and "nan" not in text
+
+
+def test_a_single_init_pilot_is_read_as_two_unpaired_runs(tmp_path):
+    """A pilot runs one init (it must not look at which wins): no pair to difference, so the difference variance is
+    twice the variance over seeds of that init's mean over tasks."""
+    from eva_bench import results
+
+    success = {"hammer-v3": [0.2, 0.4, 0.3], "stick-pull-v3": [0.6, 0.5, 0.9]}  # per seed
+    for task, values in success.items():
+        for seed, value in enumerate(values):
+            run = {"experiment": "pilot", "task": task, "model": "dt_cpu", "init": "random", "rank": 8, "seed": seed,
+                   "config_hash": task[:4]}
+            results.write_record(tmp_path / "pilot" / f"{task}-{seed}.json", {
+                "run": run, "status": "success", "config": {},
+                "metrics": {"rollout/success_rate": value, "rollout/n": 20}})
+    text = power.analyse("pilot", delta=0.1, target=0.05, seeds_grid=[3, 10], episodes_grid=[20],
+                         results_dir=tmp_path)
+    per_seed = np.mean(list(success.values()), axis=0)  # 0.4, 0.45, 0.6
+    assert f"variance over seeds of the init's mean over tasks, {2 * per_seed.var(ddof=1):.4f} at 20 episodes" in text
+    assert "6 runs, 2 held-out tasks, 20 episodes per run" in text and "| 10 | 20 |" in text and "nan" not in text
+
+
+def test_the_analysis_of_the_committed_cw10_pilot():
+    """docs/rl-power.md's CW10 pilot numbers come from these records: one init, 10 tasks, 20 episodes per run."""
+    text = power.analyse("rl_cw10_cpu_pilot", delta=0.1, target=0.05, seeds_grid=[3, 10], episodes_grid=[20])
+    assert "30 runs, 10 held-out tasks, 20 episodes per run" in text and "One init only" in text
+    assert "| 10 | 20 | 0.028 ✓ |" in text and "nan" not in text

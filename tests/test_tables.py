@@ -273,3 +273,40 @@ def test_pair_prints_any_two_columns_paired_by_seed_and_names_the_columns_when_o
     assert row.split("|")[5].strip().startswith(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
     with pytest.raises(SystemExit, match="no column eva rho=2; its columns: random, random rslora, eva rho=1"):
         tables.main(["--results", str(tmp_path), "--experiment", "ablation", "--pair", "eva rho=2", "eva rho=1"])
+
+
+# CW10 (issue 18): the paper's EVA+DoRA mean must land beside the column of the runs swept as {init: eva,
+# lora.use_dora: true}, which the sweeper labels variant 'use_dora=True'
+CW10_SUCCESS = {  # (init, variant) -> per-seed success on (hammer, push-wall)
+    ("random", None): [(0.5, 0.7), (0.6, 0.8)],
+    ("eva", None): [(0.6, 0.7), (0.7, 0.8)],
+    ("eva", "use_dora=True"): [(0.8, 0.9), (0.7, 0.9)],
+}
+
+
+def test_the_papers_eva_dora_mean_lands_beside_the_use_dora_variant_column(tmp_path):
+    config_of = {variant: {"variant": variant, "paper": {"table": "eva_v5_rl", "model": "dt-mt40"}}
+                 for variant in (None, "use_dora=True")}
+    for (init, variant), seeds in CW10_SUCCESS.items():
+        for seed, per_task in enumerate(seeds):
+            for task, success in zip(("hammer-v3", "push-wall-v3"), per_task):
+                run = {"experiment": "cw10", "task": task, "model": "dt_cpu", "init": init, "rank": 8, "seed": seed,
+                       "config_hash": f"{init}-{variant}", "task_group": "mw_cw10_cpu"}
+                results.write_record(tmp_path / "cw10" / f"{task}-{init}-{variant}-{seed}.json", {
+                    "run": run, "status": "success", "config": config_of[variant],
+                    "metrics": {"rollout/success_rate": success, "rollout/n": 20}, "finished_at": "2026-01-01"})
+    tables.write_tables(tmp_path, "cw10", tmp_path / "tables")
+
+    csv = pd.read_csv(tmp_path / "tables" / "cw10.csv")
+    mean_all = csv[(csv.task == "mean: all") & (csv.metric == "rollout/success_rate")].set_index("method")
+    assert mean_all.loc["eva use_dora=True", "mean"] == pytest.approx(np.mean([0.8, 0.9, 0.7, 0.9]))
+    assert mean_all["paper"].to_dict() == {"random": 0.86, "eva": 0.90, "eva use_dora=True": 0.94}
+    assert csv.loc[~csv.task.str.startswith("mean"), "paper"].isna().all()  # per task the paper states nothing
+
+    md = (tmp_path / "tables" / "cw10.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| task") and "(paper)" in line)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in md.splitlines() if line.startswith("| mean: all") and "rollout/success_rate" in line)
+    cells = dict(zip(columns, [c.strip() for c in row.strip("|").split("|")]))
+    assert cells["eva use_dora=True"] == "0.8 ± 0.0 (2)" and cells["eva use_dora=True (paper)"] == "0.94"
+    assert cells["eva (paper)"] == "0.9" and cells["random (paper)"] == "0.86"

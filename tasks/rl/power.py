@@ -58,8 +58,8 @@ def power(delta: float, variance: float, seeds: int) -> float:
     return 1.0 if math.isnan(found) and ncp > crit else found  # scipy's nct gives NaN far out in the tail
 
 
-def analyse(experiment: str, delta: float, target: float, seeds_grid, episodes_grid) -> str:
-    runs = results.load(experiment)
+def analyse(experiment: str, delta: float, target: float, seeds_grid, episodes_grid, results_dir=None) -> str:
+    runs = results.load(experiment, *([results_dir] if results_dir else []))
     runs = runs[runs.status == "success"]
     episodes = int(runs["rollout/n"].iloc[0])
     tasks = sorted(runs.task.unique())
@@ -80,14 +80,21 @@ def analyse(experiment: str, delta: float, target: float, seeds_grid, episodes_g
     # a paired difference of two methods: observed at `episodes`; bound 1 keeps all of it as seed noise (it never
     # shrinks with more episodes), bound 2 takes the binomial part of both methods out first (independent episodes)
     diffs = paired_differences(runs)
-    observed = float(diffs.groupby(["rank", "pair"]).difference.var().mean())
+    if len(diffs):
+        observed = float(diffs.groupby(["rank", "pair"]).difference.var().mean())
+        measured = (f"Paired differences of two inits (per rank, same seeds): observed variance {observed:.4f} at "
+                    f"{episodes} episodes ({len(diffs)} differences, {diffs.groupby(['rank', 'pair']).ngroups} "
+                    f"pairs x ranks)")
+    else:  # one init (a pilot that must not compare inits): no pair to difference, so two unpaired runs' variance
+        per_seed = runs.groupby(["rank", "init", "seed"])[METRIC].mean()
+        observed = 2 * float(per_seed.groupby(["rank", "init"]).var().mean())
+        measured = (f"One init only, so no paired difference: its variance is taken as twice the variance over "
+                    f"seeds of the init's mean over tasks, {observed:.4f} at {episodes} episodes (two independent "
+                    f"runs; pairing two inits on seeds and goals lowers it when their runs correlate positively)")
     episode_part = 2 * bernoulli / episodes
     seed_only = max(observed - episode_part, 0.0)
     lines += ["", f"Mean success over the {len(tasks)} tasks: seed variance {seed_var:.4f}, episode variance "
-              f"{bernoulli:.3f} / episodes. Paired differences of two inits (per rank, same seeds): observed "
-              f"variance {observed:.4f} at {episodes} episodes ({len(diffs)} differences, "
-              f"{diffs.groupby(['rank', 'pair']).ngroups} pairs x ranks), of which at most {episode_part:.4f} "
-              f"from episodes.", "",
+              f"{bernoulli:.3f} / episodes. {measured}, of which at most {episode_part:.4f} from episodes.", "",
               f"| seeds | episodes | 95 % half-width of a method's mean | power for a difference of {delta} "
               f"(all seed noise - independent episodes) |", "|---|---|---|---|"]
     for s, e in itertools.product(seeds_grid, episodes_grid):
@@ -103,7 +110,8 @@ def analyse(experiment: str, delta: float, target: float, seeds_grid, episodes_g
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", action="append", help="committed RL experiment(s) (default: rl_cpu)")
+    parser.add_argument("--experiment", action="append", help="committed RL experiment(s) (default: rl_cpu); one "
+                        "with a single init (a pilot) is read as two unpaired runs")
     parser.add_argument("--delta", type=float, default=0.1, help="difference in mean success to detect")
     parser.add_argument("--half-width", type=float, default=0.05, help="largest 95 %% half-width wanted")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 5, 10, 20, 30])
