@@ -139,5 +139,5 @@ def test_another_modules_option_is_named_with_the_valid_ones(tmp_path):
             "llama2_7b, llama31_8b, mistral_7b, stories260k, stories260k_mistral") in str(error.value)
     assert not any(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="task=vtab_cpu is a vision option; the rl recipe needs an rl task, one "
-                                          "of: mw_cpu, mw_mt40_cw10"):
+                                          "of: mw_cpu, mw_cw10_cpu, mw_mt40_cw10"):
         RunContext.from_config(composed("rl", ["task=vtab_cpu"]), "rl", task="x", model="y")
