@@ -246,11 +246,16 @@ def paired_with_random(long: pd.DataFrame) -> pd.DataFrame:
     return stats.paired_differences(long[long["metric"] != LR_ROW], KEYS, BASELINE, tol=print_tol)
 
 
+def column_parts(long: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Each row's column split as split_method does: (init, variant, config hash)."""
+    split = long["method"].map(split_method)
+    return split.str[0], split.str[1], split.str[2]
+
+
 def paired_with_plain(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """An ablation's own question: each variant of an init (other than random, whose variants the random table
     already compares) against that init's plain column, seed by seed. {init: paired differences}."""
-    split = long["method"].map(split_method)
-    init, variant, config = (split.str[i] for i in range(3))
+    init, variant, config = column_parts(long)
     out = {}
     for name in method_order(init[(variant != "") & (init != BASELINE)].unique()):
         own = long[(init == name) & (config == "") & (long["metric"] != LR_ROW)]
@@ -273,8 +278,7 @@ def pair_table(results_dir: Path, experiment: str, method: str, base: str) -> pd
 def paired_with_random_variant(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Where random ran under a variant too (use_rslora=True), each other init's same variant against it: the init
     comparison under that setting. {random's column: paired differences}."""
-    split = long["method"].map(split_method)
-    init, variant, config = (split.str[i] for i in range(3))
+    init, variant, config = column_parts(long)
     out = {}
     for label in sorted(set(variant[(init == BASELINE) & (variant != "") & (config == "")]), key=natural_key):
         same = long[(variant == label) & (config == "") & (long["metric"] != LR_ROW)]
