@@ -1,42 +1,11 @@
 """LoRA-DA: data-aware LoRA initialization via asymptotic analysis (Zhang et al., arXiv 2510.24561).
 
-LoRA-DA picks, per layer, the rank-r input subspace that minimises the expected error of the fine-tuned weight,
-split into a *bias* term (how far the target update lies outside the subspace) and a *variance* term (Fisher
-information / N, the estimation noise of fitting N examples). Per target layer with weight W (out x in):
-
-1. G = mean gradient of the training loss w.r.t. W over n_g calibration examples;
-2. K-FAC Fisher factors from n_F further examples: Z = E[x x^T] over the layer's input rows (in x in, shared by
-   layers fed the same input: q/k/v, gate/up) and Y = diag(E[(dL/dy)^2]) over its output rows; damping on both;
-3. the natural-gradient estimate of the target update Delta = - Z^-1 G^T Y^-1 (in x out), divided by its top
-   singular value sigma_max;
-4. the guidance matrix Omega = - Delta Delta^T + beta * tr(Y^-1) / N / sigma_max^2 * Z^-1 (in x in): the bias term
-   rewards directions that carry the update, the variance term penalises directions the data barely excites;
-5. A0 = the r eigenvectors of Omega with the smallest eigenvalues, B0 = A0^T Delta; the PEFT tensors are
-   lora_A = A0^T / sqrt(gamma) (r x in) and lora_B = B0^T / sqrt(gamma) (out x r) ("stable gamma" scaling).
-
-Orientation (step 5). The paper writes weights as in x out (W^T in torch terms), which is why Delta is in x out
-and A0 lives in input space. In PEFT's layout the adapter adds s * lora_B @ lora_A (out x in) to W, and here
-lora_B @ lora_A = Delta^T A0 A0^T / gamma = (P Delta)^T / gamma with P = A0 A0^T the projector on the chosen input
-subspace. So the adapter starts at s / gamma times the natural-gradient *descent* step -Y^-1 G Z^-1 restricted to
-that subspace: lora_A's rows span the input directions, lora_B holds the update's coefficients on them. This is the
-reading of the authors' code as well (lora_da.py: ``lora_a = a0.T``, ``lora_b = b0.T``).
-
-Choices made here where the paper/code leave room (see docs/methods.md, LoRA-DA):
-- the reference code never subtracts s B A from W, so the model does not start at the pretrained function;
-  ``offset_base=True`` does W <- W - s B A (function-preserving); the report says which was used;
-- statistics are taken in eval mode (no dropout noise; the code uses train mode, the same for dropout-free Llama)
-  on the base model before it is wrapped, with only the target weights requiring grad and nothing written to .grad;
-- an example is one row of the first dimension of the first target layer's input (batch size 1 in the code; any
-  batch size here): the task's loss is a batch mean, so it is multiplied by the batch size, which makes G the mean
-  of per-example gradients and the output gradients per-example ones, as with the code's batches of one;
-- N (``n_train``) defaults to the training-set size the task states (``Calibration.dataset_size``), else to the
-  number of distinct calibration examples used (smaller than a real training set, so the variance term weighs more).
-
-Several processes (``torchrun``; eva_bench/distributed.py): each rank offers its own calibration batches; batch i of
-the union is every rank's batch i. Example counts are summed over ranks at every step (so n_g / n_F stop all ranks at
-the same batch), and the gradient sums and K-FAC sums (Z, Y and their row counts) are all-reduced after each pass:
-the factors of one process that saw the union (exactly so when each example carries as many loss rows, since a
-task's loss is a per-batch mean). Every rank then computes the same adapters; rank 0's are broadcast.
+Per target layer: the mean gradient G and K-FAC Fisher factors (Z over input rows, diagonal Y over output rows) from
+the calibration batches give a natural-gradient estimate Delta of the update; A spans the r input directions that
+minimise the guidance matrix Omega (bias: how much of Delta a direction carries; variance: how little the data
+excites it), and B holds Delta's coefficients on them. The steps, the orientation of A and B in PEFT's layout, and
+the choices made where the paper and the authors' code leave room (base offset, eval mode, what an example is, N,
+several processes) are in docs/methods.md (LoRA-DA).
 """
 
 from __future__ import annotations

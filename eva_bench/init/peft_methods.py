@@ -1,31 +1,10 @@
 """OLoRA, CorDA and LoRA-GA through PEFT 0.21's own implementations, fed by the task's Calibration callbacks.
 
-All three start the adapter on a decomposition and freeze the residual ``W - s B A`` in the base weight, so the model
-computes its pretrained function at step 0 (up to float rounding).
-
-- ``olora`` (Buyukakyuz, arXiv 2406.01775): QR of the weight, ``A = R_r``, ``B = Q_r`` (no 1/s folded in, as in
-  OLoRA and PEFT). Data-free. PEFT's ``olora_init`` QR-decomposes the *stored* weight and ignores ``fan_in_fan_out``,
-  so on an HF ``Conv1D`` (GPT-2, stored in x out) it builds A and B of the wrong shapes (a square Conv1D runs but no
-  longer computes its function). Here nn.Linear layers go through PEFT's ``olora_init``; Conv1D layers get the same
-  maths on the transposed weight.
-- ``corda`` (Yang et al., arXiv 2406.05223): SVD of ``W C`` with ``C`` the covariance of the layer's inputs on the
-  calibration batches; IPM (instruction-previewed, the default) adapts the r largest components, KPM
-  (knowledge-preserving) the r smallest. PEFT's ``preprocess_corda(run_model=...)`` hook takes ``input[0].squeeze(0)``
-  and so handles batch size 1 only, and counts padding rows. The covariance is therefore collected here, over the rows
-  the task's ``rows`` callback keeps, and handed to ``preprocess_corda`` through its ``covariance_file`` (PEFT's own
-  hook for a precomputed covariance); PEFT does the decomposition and the init. As in PEFT and the CorDA code, each
-  collected input is normalised by its maximum before ``x^T x`` (PEFT: ``|max x|`` per sample; here ``max |x|`` per
-  batch, which cannot be near 0).
-  Deviation: the paper's KPM uses general-knowledge QA data (e.g. TriviaQA) for C; here C always comes from the task's
-  calibration batches.
-- ``lora_ga`` (Wang et al., arXiv 2407.05000): SVD of the mean gradient of the loss w.r.t. W over the calibration
-  batches (``calibration.loss``, one backward pass per batch); with the paper's defaults A = the top-r right
-  singular vectors (rows), B = the next r left singular vectors times their singular values, scaled ("ArB2r",
-  "stable" scaling, gamma 16). PEFT's ``preprocess_loraga(train_step=...)``
-  accumulates the gradients; it puts the model in train mode while doing so (dropout active, as in PEFT).
-
-DoRA: PEFT initialises DoRA's magnitude after these inits' residuals are written (CorDA, LoRA-GA); for OLoRA, which
-is applied here after wrapping, the magnitude is recomputed from the final weights.
+Each starts the adapter on a decomposition and freezes the residual ``W - s B A``. Two of PEFT's routines are
+worked around rather than rewritten: ``olora_init`` ignores ``fan_in_fan_out`` (wrong shapes on an HF ``Conv1D``), so
+Conv1D layers get the same QR here; ``preprocess_corda``'s collection hook takes batch size 1 and counts padding
+rows, so the covariance is collected here over the task's kept rows and handed to PEFT through ``covariance_file``.
+Definitions, defaults and deviations: docs/methods.md (PiSSA, MiLoRA and OLoRA; CorDA; LoRA-GA; DoRA).
 """
 
 from __future__ import annotations

@@ -1,48 +1,10 @@
 """Weight-SVD initializations: PiSSA, MiLoRA and AILoRA. Data-free: only the pretrained weights are read.
 
-Every target layer's weight (taken as ``W``: out x in, whatever the layer stores) is decomposed ``W = U S V^T``; the
-adapter starts on r chosen singular triplets and the base weight becomes the frozen residual, so the model computes
-exactly its pretrained function at step 0:
-
-- ``pissa`` (Meng et al., arXiv 2404.02948): the r largest triplets, in every target layer;
-- ``milora`` (Wang et al., arXiv 2406.09044): the r smallest ("minor") triplets, in every target layer, so the
-  principal subspace stays frozen in W;
-- ``ailora`` (Ji et al., arXiv 2510.08034): query projections from their r largest triplets (PiSSA-like), value
-  projections from their r smallest (MiLoRA-like), other target layers as ``other`` says. The abstract gives no
-  hyperparameters and there is no public code; the value side is inferred by analogy (docs/methods.md).
-
-Scale convention (the one PEFT uses for PiSSA, ``LoraLayer.pissa_init``): with the layer's scale ``s`` (alpha / r, or
-alpha / sqrt(r) with rsLoRA)
-
-    B = U_r (S_r / s)^(1/2),  A = (S_r / s)^(1/2) V_r^T,  so  s * B @ A = U_r S_r V_r^T  and  W_res = W - s * B @ A.
-
-The residual is W with exactly the chosen triplets removed, whatever alpha is; only the factors' size depends on s.
-``pissa`` here therefore equals PEFT's ``init_lora_weights="pissa"`` (tested), and ``ailora``'s query side equals it.
-
-Which layers are query / value (``ailora``): ``query`` / ``value`` / ``fused`` are a regex (matched against the full
-module name) or a list of name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), the same rule as
-list ``target_modules``. The defaults cover the usual names: ``q_proj``/``v_proj`` (Llama, Mistral, Qwen, OPT),
-``query``/``value`` (BERT, HF ViT), ``q``/``v`` (T5); fused ``qkv`` (timm ViT) and ``c_attn`` (GPT-2). If no target
-layer matches any of them, ``ailora`` refuses and asks for the names rather than silently acting like ``other``.
-
-Fused projections: a fused layer computes ``[q; k; v]`` as three equal blocks of output features (timm
-``attn.qkv``, ``nn.Linear(d, 3d)``, reshapes its output as (3, heads, head_dim); GPT-2 ``c_attn``, ``Conv1D(d, 3d)``,
-splits its output columns into q | k | v). The layer keeps its LoRA budget r (the same trainable size as every
-other method gives it), split between two blocks: the q block's top ``r_q = ceil(r / 2)`` triplets and the v block's
-bottom ``r_v = r - r_q`` triplets, each SVD taken on its own block ``W_q = W[:d]``, ``W_v = W[2d:]``:
-
-    A = [A_q; A_v]                (r x in)
-    B = [[B_q, 0], [0, 0], [0, B_v]]   (3d x r: q rows use the first r_q ranks, v rows the last r_v, k rows none)
-
-so ``s * B @ A`` is ``U S V^T`` of the chosen triplets in the q and v rows and zero in the k rows, and the residual
-``W - s * B @ A`` leaves the k block untouched: the function is preserved. B's k rows start at zero but are trainable,
-as in standard LoRA. With r = 1 the value block gets no triplet (r_v = 0). A fused layer whose output size is not a
-multiple of 3 (e.g. grouped-query fusions) is refused with a clear error; name its blocks' layout differently.
-
-DoRA (Liu et al., arXiv 2402.09353): PEFT sets DoRA's magnitude to the row norms of ``W + s B A`` while wrapping, i.e.
-before the factors and residual here are written, from the pretrained W and B = 0. Because ``W_res + s B A = W``, that
-is already the right value; it is recomputed from the final weights anyway (``refresh_dora_magnitude``), so DoRA's
-rescaling is exactly 1 at step 0 by construction rather than by that coincidence.
+Each target weight ``W = U S V^T`` (out x in) gives the adapter r chosen singular triplets, scaled as PEFT scales
+PiSSA (``B = U_r (S_r / s)^(1/2)``, ``A = (S_r / s)^(1/2) V_r^T``), and keeps the residual ``W - s B A`` frozen, so
+step 0 computes the pretrained function. pissa: the top triplets; milora: the bottom ones; ailora: top for query,
+bottom for value projections, with fused q|k|v layers split between their q and v blocks. The conventions, the
+layer-name rules and the fused-layer layout are in docs/methods.md (AILoRA; PiSSA, MiLoRA and OLoRA; DoRA).
 """
 
 from __future__ import annotations
