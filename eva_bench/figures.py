@@ -16,6 +16,7 @@ date in the metadata, fixed colours and sorted inputs. The first line of each fu
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -239,8 +240,9 @@ def heatmap(ax, layers, kinds, matrix, fmt: str, cmap: str, title: str):
 
 
 def eva_ranks_figure(exp: Experiment):
-    """EVA's realised rank per layer and module type, and the explained variance of its components (one run per
-    rank and column, EVA's variants apart: the first task, lowest seed)."""
+    """EVA's realised rank per layer and module type, and the explained variance of its components: one row per rank
+    and allocation (each column's first task, lowest seed). Columns with the same allocation, as rho 1.5/2/3 often
+    have, share a row that names them all; its variances are the first column's (theirs differ by solver noise)."""
     eva = sorted((r for r in exp.records if r["run"]["init"] == "eva" and (r.get("init_report") or {}).get("ranks")),
                  key=lambda r: (r["run"]["rank"], r["run"]["task"], r["run"]["seed"]))
     picked = {}
@@ -249,11 +251,15 @@ def eva_ranks_figure(exp: Experiment):
     if not picked:
         return None
     columns = tables.method_order({method for _, method in picked})  # the tables' order: rho=1 < rho=1.5 < rho=2
-    rows = sorted(picked.items(), key=lambda item: (item[0][0], columns.index(item[0][1])))
+    rows = {}  # (rank, allocation) -> (the columns showing it, the first one's record)
+    for (rank, method), record in sorted(picked.items(), key=lambda item: (item[0][0], columns.index(item[0][1]))):
+        run = record["run"]
+        allocation = json.dumps([record["init_report"]["ranks"], run["task"], run["seed"]], sort_keys=True)
+        rows.setdefault((rank, allocation), ([], record))[0].append(method)
     fig, axes = grid(len(rows), 2, width=4.6, height=3.2)
-    for row, ((rank, method), record) in zip(axes, rows):
+    for row, ((rank, _), (methods, record)) in zip(axes, rows.items()):
         report, run = record["init_report"], record["run"]
-        where = f"{method}, r = {rank}, {run['task']}, seed {run['seed']}"
+        where = f"{' = '.join(methods)}, r = {rank}, {run['task']}, seed {run['seed']}"
         image = heatmap(row[0], *layer_grid(report["ranks"]), "g", "viridis", f"realised rank ({where})")
         fig.colorbar(image, ax=row[0], shrink=0.8)
         variance = (report.get("details") or {}).get("explained_variance")

@@ -136,6 +136,21 @@ def test_eva_heatmaps_show_each_variant_of_eva_apart(tmp_path):
     assert [ax.images[0].get_array()[0, 0] for ax in rows] == [4, 5, 8]
 
 
+def test_eva_heatmaps_draw_one_row_for_columns_with_the_same_allocation(tmp_path):
+    # rho 1.5, 2 and 3 often give one allocation: a single row names them all; a different one keeps its own row
+    realised = {"rho=3": 5, "rho=2": 5, None: 4}
+    for variant, q_rank in realised.items():
+        run = {"experiment": "rho", "task": "math", "model": "tiny", "init": "eva", "rank": 4, "seed": 0,
+               "config_hash": f"h{variant}"}
+        results.write_record(tmp_path / "rho" / f"{variant}.json", {
+            "run": run, "status": "success", "metrics": {"gsm8k/nll": 2.0}, "config": {"variant": variant},
+            "init_report": {"method": "eva", "ranks": {"model.layers.0.self_attn.q_proj": q_rank}}})
+    fig = figures.eva_ranks_figure(figures.load(tmp_path, "rho"))
+    rows = [ax for ax in fig.axes if ax.images and ax.get_title().startswith("realised rank")]
+    assert [ax.get_title() for ax in rows] == ["realised rank (eva, r = 4, math, seed 0)",
+                                               "realised rank (eva rho=2 = eva rho=3, r = 4, math, seed 0)"]
+
+
 def test_loss_figure_draws_the_mean_curve_and_the_seed_range(tmp_path):
     write_demo(tmp_path)
     fig = figures.loss_figure(figures.load(tmp_path, "demo"))
