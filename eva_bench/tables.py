@@ -306,9 +306,9 @@ AGGREGATE_NOTE = (
     " optimistic."
     " IQM pools raw scores: compare it across methods, not across metrics whose tasks have different scales (returns)."
 )
-CSV_COLUMNS = ["task", "model", "rank", "metric", "method", "mean", "std", "n", "paper", "diff", "diff_sd", "pairs",
-               "ci_low", "ci_high", "boot_low", "boot_high", "seeds_needed", "verdict", "tasks", "seeds", "iqm",
-               "iqm_low", "iqm_high", "poi", "poi_low", "poi_high"]
+CSV_COLUMNS = ["task", "model", "rank", "metric", "method", "mean", "std", "n", "paper", "baseline", "diff", "diff_sd",
+               "pairs", "ci_low", "ci_high", "boot_low", "boot_high", "seeds_needed", "verdict", "tasks", "seeds",
+               "iqm", "iqm_low", "iqm_high", "poi", "poi_low", "poi_high"]
 
 
 def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | None:
@@ -324,12 +324,15 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     sections = [table.to_markdown(index=False)]
     if len(paired):
         sections.append(f"{PAIRED_NOTE}\n\n{paired_table(paired).to_markdown(index=False)}")
+    other_baselines = {}  # baseline column -> its paired differences, for the CSV
     for init, own in paired_with_plain(long).items():
         if len(own):
+            other_baselines[init] = own
             sections.append(f"The variants of {init} against plain {init} (paired as above: the ablation's question):"
                             f"\n\n{paired_table(own, baseline=init).to_markdown(index=False)}")
     for base, same in paired_with_random_variant(long).items():
         if len(same):
+            other_baselines[base] = same
             sections.append(f"Under the same setting, against {base} (paired as above):"
                             f"\n\n{paired_table(same, baseline=base).to_markdown(index=False)}")
     if len(means):  # the task-group averages get a table of their own below the per-task one
@@ -372,7 +375,7 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
         listed = ", ".join(f"{Path(p).stem} ({s})" for p, s in zip(bad["path"], bad["status"]))
         notes.append(f"Not in the means: {listed}.")
     stem.with_suffix(".md").write_text("\n".join(notes) + "\n\n" + "\n\n".join(sections) + "\n")
-    write_csv(stem.with_suffix(".csv"), agg, paired, groups, paper)
+    write_csv(stem.with_suffix(".csv"), agg, paired, groups, paper, other_baselines)
     latex = table.copy()
     for col in latex.columns:
         latex[col] = latex[col].astype(str).str.replace("±", r"$\pm$").str.replace("_", r"\_").str.replace(
@@ -382,10 +385,13 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     return stem.with_suffix(".md")
 
 
-def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.DataFrame, paper: pd.DataFrame):
-    """One row per cell (mean, std, n, paper; for methods other than random its paired difference from random),
-    then one per group aggregate (task ``aggregate: <group>``: IQM, and PoI over random); verdict: better, worse or
-    inconclusive (the interval includes 0; PoI's includes 0.5)."""
+def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.DataFrame, paper: pd.DataFrame,
+              other_baselines: dict[str, pd.DataFrame] | None = None):
+    """One row per cell (mean, std, n, paper; for methods other than random its paired difference from random), then
+    one per group aggregate (task ``aggregate: <group>``: IQM, and PoI over random), then one per paired difference
+    from another column (``other_baselines``: a variant against its plain init; no mean, std or n). ``baseline``
+    names the column each difference is taken from; verdict: better, worse or inconclusive (the interval includes 0;
+    PoI's includes 0.5)."""
     on = ["task", "metric", "method"] if "task" in paper else ["metric", "method"]
     out = agg.merge(
         paper.rename(columns={"value": "paper"})[[*on[:-2], "eval", "metric", "method", "paper"]].assign(
@@ -393,10 +399,13 @@ def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.Da
         ).drop(columns="eval"),
         on=on,
         how="left",
-    ).merge(paired, on=[*KEYS, "method"], how="left")
+    ).merge(paired.assign(baseline=BASELINE), on=[*KEYS, "method"], how="left")
     if len(groups):
-        out = pd.concat([out, groups.assign(task="aggregate: " + groups["group"]).drop(columns="group")],
-                        ignore_index=True)
+        aggregates = groups.assign(task="aggregate: " + groups["group"]).drop(columns="group")
+        aggregates.loc[aggregates["poi"].notna(), "baseline"] = BASELINE  # PoI is over random; IQM stands alone
+        out = pd.concat([out, aggregates], ignore_index=True)
+    for base, differences in (other_baselines or {}).items():
+        out = pd.concat([out, differences.assign(baseline=base)], ignore_index=True)
     out = out.reindex(columns=CSV_COLUMNS)
     out["verdict"] = out["verdict"].map(WORDS)
     for col in ("n", "pairs", "seeds_needed", "tasks", "seeds"):

@@ -209,7 +209,8 @@ def test_variants_are_compared_with_plain_random_seed_by_seed(tmp_path):
     write_variant_records(tmp_path)
     tables.write_tables(tmp_path, "ablation", tmp_path / "tables")
     csv = pd.read_csv(tmp_path / "tables" / "ablation.csv")
-    nll = csv[(csv.metric == "gsm8k/nll") & (csv["rank"] == 2)].set_index("method")
+    nll = csv[(csv.metric == "gsm8k/nll") & (csv["rank"] == 2) & (csv.baseline.fillna("random") == "random")
+              ].set_index("method")
     assert sorted(nll.index) == sorted(VARIANT_COLUMNS)
     base = VARIANT_NLL["random", None, 2]
     for (init, variant, _), verdict in {("eva", "rho=1", 2): "better", ("eva", "rho=1.5", 2): "inconclusive",
@@ -263,6 +264,17 @@ def test_a_variant_is_also_compared_with_its_own_plain_init_and_with_random_unde
     assert [c.strip() for c in header.strip("|").split("|")][4:] == ["eva rslora − random rslora"]
     mean, low, high = paired_t(nll["eva", "rslora"], nll["random", "rslora"])
     assert row.split("|")[5].strip().startswith(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+    # the CSV carries every comparison, each row naming its baseline column
+    csv = pd.read_csv(tmp_path / "tables" / "mask.csv").set_index(["method", "baseline"])
+    for method, base in [("eva label_mask=True", "eva"), ("eva rslora", "eva"), ("eva rslora", "random rslora"),
+                         ("eva rslora", "random"), ("eva", "random")]:
+        init, variant = (method.split(" ", 1) + [None])[:2]
+        base_init, base_variant = (base.split(" ", 1) + [None])[:2]
+        mean, low, high = paired_t(nll[init, variant], nll[base_init, base_variant])
+        assert csv.loc[(method, base), ["diff", "ci_low", "ci_high"]].tolist() == pytest.approx([mean, low, high],
+                                                                                                 abs=1e-6)
+    assert pd.isna(csv.loc[("eva label_mask=True", "eva"), "mean"])  # a comparison row; the cell row has it
+    assert csv.loc[("eva label_mask=True", "random"), "mean"] == pytest.approx(np.mean(nll["eva", "label_mask=True"]))
 
 
 def test_pair_prints_any_two_columns_paired_by_seed_and_names_the_columns_when_one_is_missing(tmp_path, capsys):
