@@ -269,7 +269,8 @@ def load(experiment: str, results_dir: str | Path = REPO_ROOT / "results") -> pd
         >>> runs = eva_bench.results.load("language_cpu")
         >>> runs[runs.task == "math"].groupby(["rank", "init"])["gsm8k/nll"].agg(["mean", "std"])
 
-    Columns: the run keys (task, model, init, rank, seed, ...), ``status``, ``lr`` (the lr it trained at: the tuned
+    Columns: the run keys (task, model, init, rank, seed, ...), ``variant`` (a sweep grid's label, e.g. ``rho=2``;
+    None for the plain init), ``status``, ``lr`` (the lr it trained at: the tuned
     protocol's choice or ``optim.lr``), ``protocol``, every metric under its own name, the init report's summary
     (``init_seconds``, ``adapted_layers``, ``mean_rank``) and training's (``optimizer_steps``, ``final_loss``,
     ``train_seconds``), the run's wall time ``seconds`` and the record's ``path``. Invalid records are left out and
@@ -279,7 +280,7 @@ def load(experiment: str, results_dir: str | Path = REPO_ROOT / "results") -> pd
         protocol, init, train = record.get("protocol") or {}, record.get("init_report") or {}, record.get("train") or {}
         ranks = [r for r in (init.get("ranks") or {}).values() if isinstance(r, (int, float))]
         rows.append({
-            **record["run"], "status": record["status"],
+            **record["run"], "variant": (record.get("config") or {}).get("variant"), "status": record["status"],
             "lr": protocol.get("selected_lr") or ((record.get("config") or {}).get("optim") or {}).get("lr"),
             "protocol": protocol.get("name", "fixed"),
             **(record.get("metrics") or {}),

@@ -47,6 +47,28 @@ def test_a_single_init_pilot_is_read_as_two_unpaired_runs(tmp_path):
     assert "6 runs, 2 held-out tasks, 20 episodes per run" in text and "| 10 | 20 |" in text and "nan" not in text
 
 
+def test_a_pilot_with_a_variant_column_is_analysed_column_by_column(tmp_path):
+    """random and "random steps=300" are two settings of one init, not two inits: each column is its own pilot, never
+    mixed into one cell's seed variance and never differenced as a pair."""
+    from eva_bench import results
+
+    success = {None: [0.2, 0.4, 0.3], "steps=300": [0.6, 0.5, 0.9]}  # one task, per seed
+    for variant, values in success.items():
+        for seed, value in enumerate(values):
+            run = {"experiment": "pilot", "task": "hammer-v3", "model": "dt_cpu", "init": "random", "rank": 8,
+                   "seed": seed, "config_hash": str(variant)}
+            results.write_record(tmp_path / "pilot" / f"{variant}-{seed}.json", {
+                "run": run, "status": "success", "config": {"variant": variant},
+                "metrics": {"rollout/success_rate": value, "rollout/n": 20}})
+    text = power.analyse("pilot", delta=0.1, target=0.05, seeds_grid=[3], episodes_grid=[20], results_dir=tmp_path)
+    sections = text.split("## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == ["pilot, random: 3 runs, 1 held-out tasks, 20 episodes per run",
+                                                     "pilot, random steps=300: 3 runs, 1 held-out tasks, 20 episodes "
+                                                     "per run"]
+    for section, values in zip(sections, success.values()):
+        assert f"seeds of the init's mean over tasks, {2 * np.var(values, ddof=1):.4f} at 20" in section
+
+
 def test_the_analysis_of_the_committed_cw10_pilot():
     """docs/rl-power.md's CW10 pilot numbers come from these records: one init, 10 tasks, 20 episodes per run."""
     text = power.analyse("rl_cw10_cpu_pilot", delta=0.1, target=0.05, seeds_grid=[3, 10], episodes_grid=[20])

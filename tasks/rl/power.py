@@ -18,7 +18,7 @@ import math
 import pandas as pd
 from scipy import stats
 
-from eva_bench import results
+from eva_bench import results, tables
 
 METRIC = "rollout/success_rate"
 
@@ -59,12 +59,25 @@ def power(delta: float, variance: float, seeds: int) -> float:
 
 
 def analyse(experiment: str, delta: float, target: float, seeds_grid, episodes_grid, results_dir=None) -> str:
+    """The noise tables of an experiment. Its columns are the tables' (a variant such as ``eva use_dora=True`` is
+    one); a pilot whose columns are all one init (``random``, ``random steps=300``) gets one analysis per column,
+    since comparing its settings is not comparing inits."""
     runs = results.load(experiment, *([results_dir] if results_dir else []))
     runs = runs[runs.status == "success"]
+    column = pd.Series([tables.method_name(i, v) for i, v in zip(runs["init"], runs["variant"])], index=runs.index)
+    if runs["init"].nunique() == 1 and column.nunique() > 1:
+        return "\n\n".join(analyse_runs(f"{experiment}, {name}", runs[column == name].assign(init=name), delta,
+                                          target, seeds_grid, episodes_grid)
+                           for name in tables.method_order(column.unique()))
+    return analyse_runs(experiment, runs.assign(init=column), delta, target, seeds_grid, episodes_grid)
+
+
+def analyse_runs(title: str, runs: pd.DataFrame, delta: float, target: float, seeds_grid, episodes_grid) -> str:
+    """The noise tables of these runs, whose ``init`` is their column."""
     episodes = int(runs["rollout/n"].iloc[0])
     tasks = sorted(runs.task.unique())
     cells = cell_noise(runs, episodes)
-    lines = [f"## {experiment}: {len(runs)} runs, {len(tasks)} held-out tasks, {episodes} episodes per run", "",
+    lines = [f"## {title}: {len(runs)} runs, {len(tasks)} held-out tasks, {episodes} episodes per run", "",
              "| task | success (min-max over cells) | SD over seeds | of which episodes (binomial) | seeds |",
              "|---|---|---|---|---|"]
     for task, group in cells.groupby("task"):
