@@ -41,3 +41,8 @@ def test_headroom_pairs_fine_tuned_seeds_with_their_zero_shot_goals():
     assert line == "| hammer-v3 | random | 8 | 0.10 | 0.40 ± 0.10, 0.30-0.50 | +0.30 | 3 |"  # gains .5, .2, .2
     failed = runs.assign(status=["success", "success", "failed"])  # a failed run is in no mean
     assert "| 0.40 ± 0.14, 0.30-0.50 | +0.35 | 2 |" in zero_shot.headroom(rows, failed)
+    # a variant of the init (a longer budget) is a row of its own, as in the tables
+    longer = pd.concat([runs.assign(variant=None), runs.assign(variant="steps=300", **{"rollout/success_rate": 0.9})])
+    lines = zero_shot.headroom(rows, longer).splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines] == ["random", "random steps=300"]
+    assert lines[1].endswith("| 0.90 ± 0.00, 0.90-0.90 | +0.80 | 3 |")

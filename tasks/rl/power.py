@@ -64,7 +64,7 @@ def analyse(experiment: str, delta: float, target: float, seeds_grid, episodes_g
     since comparing its settings is not comparing inits."""
     runs = results.load(experiment, *([results_dir] if results_dir else []))
     runs = runs[runs.status == "success"]
-    column = pd.Series([tables.method_name(i, v) for i, v in zip(runs["init"], runs["variant"])], index=runs.index)
+    column = tables.method_names(runs)
     if runs["init"].nunique() == 1 and column.nunique() > 1:
         return "\n\n".join(analyse_runs(f"{experiment}, {name}", runs[column == name].assign(init=name), delta,
                                           target, seeds_grid, episodes_grid)

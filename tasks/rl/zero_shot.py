@@ -24,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from eva_bench import results
+from eva_bench import results, tables
 from tasks.rl import data as rl_data
 from tasks.rl import envs
 from tasks.rl.evaluate import rollout
@@ -94,6 +94,7 @@ def headroom(rows: list[dict], runs: pd.DataFrame) -> str:
     fine-tuning added, averaged over the seeds both have (same goals)."""
     zero = pd.DataFrame(rows).set_index(["task", "seed"])["success_rate"]
     runs = runs[runs.status == "success"]
+    runs = runs.assign(init=tables.method_names(runs))  # the tables' columns: a variant (steps=300) is one
     lines = ["| task | init | rank | zero-shot | fine-tuned (mean ± SD, min-max) | gain | seeds |",
              "|---|---|---|---|---|---|---|"]
     for (task, init, rank), cell in runs.groupby(["task", "init", "rank"], sort=False):
