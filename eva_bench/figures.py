@@ -102,15 +102,12 @@ def grid(rows: int, cols: int, width: float = 3.6, height: float = 2.8):
 
 def main_scores(exp: Experiment) -> pd.DataFrame:
     """Per seed, the main metrics in the tables' long format (task, model, method, rank, seed, metric, value). With
-    task groups (vision, RL) the per-seed group means replace the tasks, as in the tables' group rows: one RL group
-    is also the mean over all tasks, so it is shown once."""
+    task groups (vision, RL) the per-seed group means replace the tasks, as in the tables' group rows."""
     if exp.frame.empty:
         return pd.DataFrame(columns=["task", "model", "method", "rank", "seed", "metric", "value"])
     long = tables.long_format(exp.frame)
     means = tables.group_means(long, exp.frame)
     if len(means):
-        if means["task"].nunique() == 2:  # "mean: <the group>" and "mean: all" are the same numbers
-            means = means[means["task"] != "mean: all"]
         long = means
     return long[long["metric"].isin(MAIN_METRICS)]
 

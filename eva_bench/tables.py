@@ -62,15 +62,13 @@ def method_order(methods) -> list[str]:
 
 
 def digits(metric: str) -> int:
-    return 3 if lower_is_better(metric) else 1
-
-
-def diff_digits(metric: str) -> int:
-    return digits(metric) + metric.endswith("success_rate")  # rates in [0, 1]: 0.1 steps hide most differences
+    """Decimals printed: NLL, loss and MSE 3; success rates in [0, 1] 2 (0.1 steps hide most differences);
+    accuracies in % 1."""
+    return 3 if lower_is_better(metric) else 2 if metric.endswith("success_rate") else 1
 
 
 def print_tol(metric: str) -> float:
-    return 0.5 * 10 ** -diff_digits(metric)  # a bound that prints as 0 counts as 0: no marker on a printed tie
+    return 0.5 * 10 ** -digits(metric)  # a bound that prints as 0 counts as 0: no marker on a printed tie
 
 
 def signed(value: float, places: int) -> str:
@@ -108,14 +106,16 @@ def long_format(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def group_means(long: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
-    """Per seed, the mean over the tasks of each task group and over all tasks (VTAB's natural / specialized /
-    structured and overall averages), as rows of task ``mean: <group>`` / ``mean: all``. A seed that lacks one of
-    the group's tasks is left out of that mean, so every mean averages the same tasks. Empty without task groups."""
+    """Per seed, the mean over the tasks of each task group (with several groups) and over all tasks (VTAB's
+    natural / specialized / structured and overall averages), as rows of task ``mean: <group>`` / ``mean: all``. A
+    seed that lacks one of the group's tasks is left out of that mean, so every mean averages the same tasks. Empty
+    without task groups."""
     if "task_group" not in records or records["task_group"].isna().all():
         return long.iloc[0:0]
     group_of = records.dropna(subset=["task_group"]).drop_duplicates("task").set_index("task")["task_group"]
     long = long[long["task"].isin(group_of.index)].assign(group=lambda d: d["task"].map(group_of))
-    parts = [(f"mean: {g}", long[long["group"] == g]) for g in sorted(group_of.unique())] + [("mean: all", long)]
+    groups = sorted(group_of.unique()) if group_of.nunique() > 1 else []  # one group's mean is the mean of all
+    parts = [(f"mean: {g}", long[long["group"] == g]) for g in groups] + [("mean: all", long)]
     out = []
     for label, part in parts:
         per_seed = part.groupby(["model", "method", "rank", "seed", "metric"]).agg(
@@ -146,8 +146,11 @@ def group_scores(long: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
 
 
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: mean, std and n over seeds, and the mean's 95 % Student-t interval (mean_low, mean_high)."""
     grouped = long.groupby([*KEYS, "method"])["value"]
-    return grouped.agg(mean="mean", std="std", n="count").reset_index()
+    agg = grouped.agg(mean="mean", std="std", n="count").reset_index()
+    interval = grouped.agg(stats.t_interval).reset_index(drop=True)
+    return agg.assign(mean_low=interval.str[0], mean_high=interval.str[1])
 
 
 def paper_numbers(experiment_records: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -161,15 +164,17 @@ def paper_numbers(experiment_records: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return table, f"{paper['table']} ({paper['model']}): {table['source'].iloc[0].split(',')[0]}" if len(table) else ""
 
 
-def cell(mean: float, std: float, n: int, digits: int) -> str:
+def cell(mean: float, std: float, n: int, digits: int, interval: tuple[float, float] | None = None) -> str:
     spread = "" if n < 2 or math.isnan(std) else f" ± {std:.{digits}f}"
-    return f"{mean:.{digits}f}{spread} ({n})"
+    shown = "" if interval is None or n < 2 else f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return f"{mean:.{digits}f}{spread} ({n}){shown}"
 
 
-def build_table(agg: pd.DataFrame, paper: pd.DataFrame,
-                paired: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The wide table (cells as text, ▲/▼ where ``paired`` says a method differs from random) and a numeric twin
-    of means for LaTeX/CSV consumers. Nothing is bold: the best mean of three seeds is often a tie."""
+def build_table(agg: pd.DataFrame, paper: pd.DataFrame, paired: pd.DataFrame | None = None,
+                intervals: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The wide table (cells as text, ▲/▼ where ``paired`` says a method differs from random; ``intervals``: each
+    mean's 95 % interval too) and a numeric twin of means for LaTeX/CSV consumers. Nothing is bold: the best mean of
+    three seeds is often a tie."""
     methods = method_order(agg["method"].unique())
     verdicts = {} if paired is None else paired.set_index([*KEYS, "method"])["verdict"].to_dict()
     rows, numeric = [], []
@@ -185,7 +190,8 @@ def build_table(agg: pd.DataFrame, paper: pd.DataFrame,
             if key[3] == LR_ROW:  # the tuned protocol's chosen lr: one per method and rank (not per seed), unranked
                 row[m] = f"{r['mean']:.2g}"
                 continue
-            row[m] = cell(r["mean"], r["std"], int(r["n"]), digits(key[3])) + MARKS[verdicts.get((*key, m), 0)]
+            row[m] = cell(r["mean"], r["std"], int(r["n"]), digits(key[3]),
+                          (r["mean_low"], r["mean_high"]) if intervals else None) + MARKS[verdicts.get((*key, m), 0)]
         eval_name, metric = key[3].split("/", 1) if "/" in key[3] else ("", key[3])
         match = paper[(paper["eval"] == eval_name) & (paper["metric"] == metric)]
         if "task" in paper:  # per-task published numbers (vision: the VTAB averages are rows of their own)
@@ -215,7 +221,7 @@ def paired_table(paired: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame
         row = dict(zip(KEYS, key))
         for m in methods:
             row[f"{m} − {baseline}"] = "" if m not in by_method.index else paired_cell(by_method.loc[m],
-                                                                                        diff_digits(key[3]))
+                                                                                        digits(key[3]))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -227,7 +233,7 @@ def aggregate_tables(agg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     iqm_rows, poi_rows = [], []
     for key, group in agg.groupby(GROUP_KEYS, sort=True):
         by_method = group.set_index("method")
-        places = diff_digits(key[3])
+        places = digits(key[3])
         label = {**dict(zip(GROUP_KEYS, key)), "tasks": int(group["tasks"].iloc[0])}
         iqm, poi = dict(label), dict(label)
         for m in methods:
@@ -306,9 +312,9 @@ AGGREGATE_NOTE = (
     " optimistic."
     " IQM pools raw scores: compare it across methods, not across metrics whose tasks have different scales (returns)."
 )
-CSV_COLUMNS = ["task", "model", "rank", "metric", "method", "mean", "std", "n", "paper", "baseline", "diff", "diff_sd",
-               "pairs", "ci_low", "ci_high", "boot_low", "boot_high", "seeds_needed", "verdict", "tasks", "seeds",
-               "iqm", "iqm_low", "iqm_high", "poi", "poi_low", "poi_high"]
+CSV_COLUMNS = ["task", "model", "rank", "metric", "method", "mean", "std", "n", "mean_low", "mean_high", "paper",
+               "baseline", "diff", "diff_sd", "pairs", "ci_low", "ci_high", "boot_low", "boot_high", "seeds_needed",
+               "verdict", "tasks", "seeds", "iqm", "iqm_low", "iqm_high", "poi", "poi_low", "poi_high"]
 
 
 def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | None:
@@ -337,8 +343,9 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
                             f"\n\n{paired_table(same, baseline=base).to_markdown(index=False)}")
     if len(means):  # the task-group averages get a table of their own below the per-task one
         agg_means, paired_means = aggregate(means), paired_with_random(means)
-        means_table, _ = build_table(agg_means, paper, paired_means)
-        sections.append("Task-group averages (per seed, the mean over the group's tasks; then mean ± std over seeds):"
+        means_table, _ = build_table(agg_means, paper, paired_means, intervals=True)
+        sections.append("Task-group averages (per seed, the mean over the group's tasks; then, over seeds, mean ± std"
+                        " (seeds) [the mean's 95 % Student-t interval]):"
                         "\n\n" + means_table.to_markdown(index=False))
         if len(paired_means):
             sections.append("Task-group averages, paired differences from random (as above):\n\n"
