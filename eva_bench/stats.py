@@ -33,8 +33,15 @@ def t_interval(diffs) -> tuple[float, float]:
     d = np.asarray(diffs, dtype=float)
     if len(d) < 2:
         return math.nan, math.nan
-    half = scipy.stats.t.ppf(0.5 + LEVEL / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    half = t_half_width(d.std(ddof=1), len(d))
     return float(d.mean() - half), float(d.mean() + half)
+
+
+def t_half_width(sd, n):
+    """Half-width of the 95 % Student-t interval of a mean of ``n`` values with standard deviation ``sd`` (arrays
+    too; NaN below two values)."""
+    n = np.asarray(n, dtype=float)
+    return scipy.stats.t.ppf(0.5 + LEVEL / 2, n - 1) * np.asarray(sd, dtype=float) / np.sqrt(n)
 
 
 def bootstrap_interval(diffs, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
