@@ -90,14 +90,14 @@ reproduce-language: $(STAMP)
 reproduce-vision: $(STAMP) $(FASHION_MNIST)
 	$(if $(DRY_RUN),,$(PY) -m tasks.vision.prepare experiment=$(VISION_EXPERIMENT))
 	$(call reproduce,tasks.vision.train,$(VISION_EXPERIMENT))
-	$(if $(DRY_RUN),,$(PY) -m eva_bench.artifacts vision)
+	$(if $(DRY_RUN),,$(PY) -m eva_bench.artifacts vision $(VISION_EXPERIMENT))
 
 # The RL sweep (CPU default: Meta-World expert data as Minari datasets, a decision transformer pretrained on 10 tasks,
 # LoRA-fine-tuned on 3 held-out ones); data generation and pretraining happen once, cached, inside the first run;
 # last, the datasets' and checkpoint's SHA-256s against the committed manifest (results/artifacts.json).
 reproduce-rl: $(STAMP)
 	$(call reproduce,tasks.rl.train,$(RL_EXPERIMENT))
-	$(if $(DRY_RUN),,$(PY) -m eva_bench.artifacts rl)
+	$(if $(DRY_RUN),,$(PY) -m eva_bench.artifacts rl $(RL_EXPERIMENT))
 
 # Promote the fresh records of EXPERIMENT (default language_cpu) to the committed reference, then rebuild its tables:
 # review the comparison first, then commit results/ (see docs/records.md)

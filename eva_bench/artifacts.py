@@ -4,7 +4,7 @@ SHA-256), and how the current cache compares with the committed manifest ``resul
 
     with pinned_threads(BUILD_THREADS):     # a build's floating-point sums do not depend on the core count
         ...
-    verdicts(current)                      # {"vit_tiny_fmnist backbone": "matches committed", ...}
+    verdicts(experiment_artifacts("rl", "rl_cw10_cpu"))   # {"mw_cw10_cpu hammer-v3 dataset": "... matches committed", ...}
 
 Why threads are pinned: torch splits a reduction (a bias or LayerNorm gradient, a matmul) into one chunk per thread,
 so the same build with 1 and 2 threads differs in the last bits, and fine-tuning amplifies that. With a fixed count
@@ -78,85 +78,107 @@ def dataset_content_hash(minari_dataset) -> str:
 
 
 def load_manifest(path: Path = MANIFEST) -> dict:
-    """The committed manifest: ``{"artifacts": {name: {"key", "hash", "hash_of", "threads", "machine"}}}``."""
+    """The committed manifest: ``{"artifacts": {name: {"module", "key", "hash", "hash_of", "threads", "machine"}}}``."""
     return json.loads(Path(path).read_text())
 
 
-def verdicts(current: dict[str, str], manifest: dict | None = None, modules=("vision", "rl")) -> dict[str, str]:
-    """Per artifact of the manifest (of ``modules``): "matches committed", "differs from committed (<ours> vs
-    <committed>)" or "not built" (``current`` maps artifact names to the hashes of what the cache holds now)."""
-    committed = (manifest or load_manifest())["artifacts"]
+def verdicts(current: dict[str, dict], manifest: dict | None = None) -> dict[str, str]:
+    """Per artifact an experiment uses (``current``: name -> entry, its ``hash`` None when the cache lacks it):
+    "matches committed", "differs from committed (<ours> vs <committed>)", "not built" or "not in the manifest".
+    Entries are matched by ``key`` (what the cache names the build by), so experiments that share a build (rl_cpu
+    and rl_cpu_tuned) share its manifest entry."""
+    committed = {entry["key"]: entry for entry in (manifest or load_manifest())["artifacts"].values()}
     out = {}
-    for name, entry in committed.items():
-        if entry["module"] not in modules:
-            continue
-        ours = current.get(name)
-        if ours is None:
+    for name, entry in current.items():
+        reference = committed.get(entry["key"])
+        if entry["hash"] is None:
             out[name] = "not built"
-        elif ours == entry["hash"]:
-            out[name] = f"{entry['hash_of']} matches committed"
+        elif reference is None:
+            out[name] = "not in the manifest"
+        elif entry["hash"] == reference["hash"]:
+            out[name] = f"{reference['hash_of']} matches committed"
         else:
-            out[name] = f"{entry['hash_of']} differs from committed ({ours[:12]} vs {entry['hash'][:12]})"
+            out[name] = f"{reference['hash_of']} differs from committed ({entry['hash'][:12]} vs {reference['hash'][:12]})"
     return out
 
 
-# --- the CPU defaults' artifacts in the current cache -------------------------------------------------------------
+# --- what an experiment's runs build, as the current cache holds it ------------------------------------------------
+
+DEFAULT_EXPERIMENTS = {"vision": "vision_cpu", "rl": "rl_cpu"}  # the CPU defaults, checked when none is named
 
 
-def _compose(config_name: str, experiment: str):
+def _compose(config_name: str, experiment: str, overrides=()):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return compose(config_name=config_name, overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        return compose(config_name=config_name, overrides=[f"experiment={experiment}", *overrides],
+                       return_hydra_config=True)
 
 
-def cpu_default_artifacts() -> dict[str, dict]:
-    """What the cache (``$EVA_BENCH_CACHE``) holds now of vision_cpu's backbone and rl_cpu's datasets and checkpoint,
-    as manifest entries; nothing is built, a missing artifact is left out."""
+def vision_artifacts(cfg) -> dict[str, dict]:
+    """The backbone a vision experiment fine-tunes (``hash`` None when the cache lacks it)."""
     from omegaconf import OmegaConf
 
-    from tasks.rl import data as rl_data
-    from tasks.rl import pretrain as rl_pretrain
     from tasks.vision import models as vision_models
 
-    out = {}
-    vision = _compose("vision", "vision_cpu")
-    load = OmegaConf.to_container(vision.model.load, resolve=True)
+    load = OmegaConf.to_container(cfg.model.load, resolve=True)
     spec = vision_models.backbone_spec(load["architecture"], load["pretrain"], load["threads"])
     folder = vision_models.backbone_folder(load["name"], spec)
-    meta = vision_models._valid_cache(folder)
-    if meta is not None:
-        out[f"{load['name']} backbone"] = {"module": "vision", "key": folder.name, "hash": meta["sha256"], "hash_of": "sha256 of weights.pt",
-                                           "threads": meta["threads"], "machine": meta["machine"]}
+    meta = vision_models._valid_cache(folder) or {}
+    return {f"{load['name']} backbone": {"module": "vision", "key": folder.name, "hash": meta.get("sha256"),
+                                         "hash_of": "sha256 of weights.pt", "threads": meta.get("threads"),
+                                         "machine": meta.get("machine")}}
 
-    rl = _compose("rl", "rl_cpu")
-    finetune_tasks = str(rl.hydra.sweeper.params["task.finetune"]).split(",")
-    for task in [*rl.task.pretrain_tasks, *finetune_tasks]:
-        data_spec = rl_pretrain.expert_spec(rl, task)
-        if rl_data._finished(rl_data.datasets_root() / data_spec.dataset_id, data_spec):
-            out[f"{task} dataset"] = {"module": "rl", "key": data_spec.dataset_id,
-                                      "hash": dataset_content_hash(rl_data.expert_dataset(data_spec)),
-                                      "hash_of": "content sha256 (episodes' arrays)", "threads": None,
-                                      "machine": machine()}
-    checkpoint = rl_pretrain.checkpoint_folder(rl)
-    if (checkpoint / "meta.json").exists():
-        meta = json.loads((checkpoint / "meta.json").read_text())
-        out[f"{rl.model.name} checkpoint"] = {"module": "rl", "key": checkpoint.name, "hash": sha256_file(checkpoint / "model.safetensors"),
-                                              "hash_of": "sha256 of model.safetensors", "threads": meta["threads"],
-                                              "machine": meta["machine"]}
+
+def rl_artifacts(cfg) -> dict[str, dict]:
+    """The expert datasets (pretraining and swept fine-tuning tasks) and the pretrained checkpoint an RL experiment
+    uses, named after its task split (``hash`` None when the cache lacks one)."""
+    from tasks.rl import data as rl_data
+    from tasks.rl import pretrain as rl_pretrain
+
+    split = cfg.task.name
+    finetune = str(cfg.hydra.sweeper.params.get("task.finetune", cfg.task.finetune)).split(",")
+    out = {}
+    for task in dict.fromkeys([*cfg.task.pretrain_tasks, *finetune]):
+        spec = rl_pretrain.expert_spec(cfg, task)
+        built = rl_data._finished(rl_data.datasets_root() / spec.dataset_id, spec)
+        out[f"{split} {task} dataset"] = {
+            "module": "rl", "key": spec.dataset_id,
+            "hash": dataset_content_hash(rl_data.expert_dataset(spec)) if built else None,
+            "hash_of": "content sha256 (episodes' arrays)", "threads": None, "machine": machine() if built else None}
+    checkpoint = rl_pretrain.checkpoint_folder(cfg)
+    meta = json.loads((checkpoint / "meta.json").read_text()) if (checkpoint / "meta.json").exists() else {}
+    out[f"{split} {cfg.model.name} checkpoint"] = {
+        "module": "rl", "key": checkpoint.name,
+        "hash": sha256_file(checkpoint / "model.safetensors") if meta else None,
+        "hash_of": "sha256 of model.safetensors", "threads": meta.get("threads"), "machine": meta.get("machine")}
     return out
 
 
+MODULE_ARTIFACTS = {"vision": vision_artifacts, "rl": rl_artifacts}  # module -> what its experiments build
+
+
+def experiment_artifacts(module: str, experiment: str | None = None, overrides=()) -> dict[str, dict]:
+    """What ``experiment`` (default: the module's CPU default) builds, as manifest entries of the current cache
+    (``$EVA_BENCH_CACHE``); nothing is built."""
+    cfg = _compose(module, experiment or DEFAULT_EXPERIMENTS[module], overrides)
+    return MODULE_ARTIFACTS[module](cfg)
+
+
 def main(argv=None) -> None:
-    """``python -m eva_bench.artifacts [vision|rl ...]``: each committed artifact's verdict against the current
-    cache (``make reproduce-vision`` and ``reproduce-rl`` print their module's)."""
-    modules = tuple(argv if argv is not None else sys.argv[1:]) or ("vision", "rl")
-    current = {name: entry["hash"] for name, entry in cpu_default_artifacts().items()}
+    """``python -m eva_bench.artifacts vision|rl [EXPERIMENT]``: the verdict of each artifact the experiment uses
+    (default: the module's CPU default) against the committed manifest; ``make reproduce-vision`` and
+    ``reproduce-rl`` print it last."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in MODULE_ARTIFACTS or len(argv) > 2:
+        sys.exit("usage: python -m eva_bench.artifacts vision|rl [EXPERIMENT]")
+    current = experiment_artifacts(*argv)
     manifest = load_manifest()
-    for name, verdict in verdicts(current, manifest, modules).items():
+    for name, verdict in verdicts(current, manifest).items():
         print(f"{name}: {verdict}")
+    keys = {entry["key"] for entry in current.values()}
     here = machine()
-    built_on = [e["machine"] for e in manifest["artifacts"].values() if e["module"] in modules]
+    built_on = [e["machine"] for e in manifest["artifacts"].values() if e["key"] in keys]
     if any(m != here for m in built_on):
         named = sorted({f"{m['cpu']} ({', '.join(m['isa'])})" for m in built_on})
         print(f"note: the manifest was built on {'; '.join(named)}, this machine is {here['cpu']} "

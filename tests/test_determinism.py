@@ -11,25 +11,41 @@ from eva_bench.assets import REPO_ROOT
 MANIFEST = {"artifacts": {
     "vit backbone": {"key": "vit-abc", "hash": "a" * 64, "hash_of": "sha256 of weights.pt", "threads": 2,
                      "machine": {"cpu": "x", "isa": []}, "module": "vision"},
-    "push-v3 dataset": {"key": "eva_bench/metaworld/push-v3-abc-v0", "hash": "b" * 64,
-                        "hash_of": "content sha256 (episodes' arrays)", "threads": None, "machine": {"cpu": "x", "isa": []},
-                        "module": "rl"},
+    "mw push-v3 dataset": {"key": "eva_bench/metaworld/push-v3-abc-v0", "hash": "b" * 64,
+                           "hash_of": "content sha256 (episodes' arrays)", "threads": None,
+                           "machine": {"cpu": "x", "isa": []}, "module": "rl"},
 }}
 
 
-def test_verdicts_name_a_match_a_differing_hash_and_a_missing_build():
-    out = artifacts.verdicts({"vit backbone": "a" * 64, "push-v3 dataset": "c" * 64}, MANIFEST)
-    assert out["vit backbone"] == "sha256 of weights.pt matches committed"
-    assert out["push-v3 dataset"].startswith("content sha256 (episodes' arrays) differs from committed (cccc")
-    assert artifacts.verdicts({}, MANIFEST) == {"vit backbone": "not built", "push-v3 dataset": "not built"}
-    assert list(artifacts.verdicts({}, MANIFEST, modules=("rl",))) == ["push-v3 dataset"]  # make reproduce-rl's
+def current(key, digest):
+    return {"key": key, "hash": digest}
 
 
-def test_committed_manifest_lists_the_cpu_defaults_artifacts():
+def test_verdicts_match_by_key_and_name_a_match_a_difference_a_missing_build_and_an_unlisted_one():
+    out = artifacts.verdicts({"backbone": current("vit-abc", "a" * 64),
+                              "push": current("eva_bench/metaworld/push-v3-abc-v0", "c" * 64),
+                              "unbuilt": current("vit-abc", None),
+                              "new": current("eva_bench/metaworld/push-v3-other-v0", "d" * 64)}, MANIFEST)
+    assert out["backbone"] == "sha256 of weights.pt matches committed"
+    assert out["push"].startswith("content sha256 (episodes' arrays) differs from committed (cccc")
+    assert out["unbuilt"] == "not built"
+    assert out["new"] == "not in the manifest"
+
+
+def test_committed_manifest_lists_every_cpu_experiments_artifacts():
     committed = artifacts.load_manifest()["artifacts"]
-    assert "vit_tiny_fmnist backbone" in committed and "dt_cpu checkpoint" in committed
-    assert sum(name.endswith(" dataset") for name in committed) == 13  # 10 pretraining + 3 held-out tasks
     assert all(len(entry["hash"]) == 64 for entry in committed.values())
+    keys = {entry["key"] for entry in committed.values()}
+    for module, experiment in [("vision", "vision_cpu"), ("rl", "rl_cpu"), ("rl", "rl_cpu_tuned"), ("rl", "rl_cw10_cpu")]:
+        uses = artifacts.experiment_artifacts(module, experiment)  # composes only: nothing is built
+        assert {entry["key"] for entry in uses.values()} <= keys, experiment
+    assert len(artifacts.experiment_artifacts("rl", "rl_cpu")) == 14  # 10 pretraining + 3 held-out tasks, checkpoint
+    assert len(artifacts.experiment_artifacts("rl", "rl_cw10_cpu")) == 21  # 10 + 10 CW10 tasks, checkpoint
+
+
+def test_main_refuses_an_unknown_module_before_any_work():
+    with pytest.raises(SystemExit, match="usage"):
+        artifacts.main(["language"])
 
 
 def test_pinned_threads_restores_the_callers_count():
@@ -79,3 +95,7 @@ def test_rl_data_and_pretraining_are_bit_identical(monkeypatch, tmp_path):
     assert first["datasets"] == second["datasets"]  # content hashes of both tasks' episodes
     assert first["weights_sha256"] == second["weights_sha256"]
     assert first["threads"] == artifacts.BUILD_THREADS
+    entries = artifacts.experiment_artifacts("rl", "rl_cpu", tiny)  # what the manifest check reads from the cache
+    assert entries["mw_cpu dt_cpu checkpoint"]["hash"] == second["weights_sha256"]
+    assert entries["mw_cpu push-v3 dataset"]["hash"] == second["datasets"]["push-v3"]["content_sha256"]
+    assert entries["mw_cpu faucet-close-v3 dataset"]["hash"] is None  # a held-out task this build did not generate
