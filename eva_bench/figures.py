@@ -49,6 +49,7 @@ CONTROL_BASELINES = ("eva", "random")  # controls ask: how far from EVA, how far
 # one colour per method in every figure; methods not named here take a tab10 colour by their place in INITS
 COLORS = {"random": "#4d4d4d", "eva": "#d62728", "lora_da": "#1f77b4", "ailora": "#2ca02c", "eva_rot": "#ff7f0e",
           "eva_perm": "#9467bd", "random_orth": "#8c564b"}
+MARKERS = "osD^v"  # one per method in a panel: variants share their init's colour, not its marker
 LAYER = re.compile(r"\.(\d+)\.")  # "model.layers.3.self_attn.q_proj": layer 3, module type "self_attn.q_proj"
 BENCH_DIR = REPO_ROOT / "bench" / "results"
 
@@ -145,6 +146,46 @@ def rank_figure(exp: Experiment):
         ax.set_title(f"{task}", fontsize=9)
     legend(axes[0][-1])
     fig.suptitle(f"{exp.name}: mean over seeds, 95 % t-interval", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def tasks_figure(exp: Experiment):
+    """Per task and per task-group mean (vision, RL): the main metric of each method, mean over seeds with its 95 %
+    Student-t interval, one panel per rank and metric.
+
+    The rank figure shows only the group means; this one shows which tasks carry a difference, or sit at a floor or
+    ceiling where no init can differ."""
+    if exp.frame.empty:
+        return None
+    long = tables.long_format(exp.frame)
+    means = tables.group_means(long, exp.frame)
+    if means.empty:
+        return None
+    columns = ["task", "method", "rank", "seed", "metric", "value"]
+    scores = pd.concat([long[columns], means[columns]], ignore_index=True)
+    scores = scores[scores["metric"].isin(MAIN_METRICS)]
+    tasks = sorted(long["task"].unique()) + sorted(means["task"].unique())  # the group means last, on the right
+    panels = sorted(scores.groupby(["metric", "rank"]).groups)
+    fig, axes = grid(len(panels), 1, width=max(6.0, 0.8 * len(tasks)), height=3.2)
+    for ax, (metric, rank) in zip(axes[:, 0], panels):
+        part = scores[(scores["metric"] == metric) & (scores["rank"] == rank)]
+        methods = tables.method_order(part["method"].unique())
+        for i, method in enumerate(methods):
+            offset = 0.7 * ((i + 0.5) / len(methods) - 0.5)  # methods side by side within a task's slot
+            rows = [(x + offset, *mean_and_interval(part.loc[(part["task"] == task) & (part["method"] == method),
+                                                             "value"]))
+                    for x, task in enumerate(tasks) if ((part["task"] == task) & (part["method"] == method)).any()]
+            x, mean, low, high = (np.array(c, dtype=float) for c in zip(*rows))
+            ax.errorbar(x, mean, yerr=[mean - low, high - mean], label=method, color=color(method),
+                        marker=MARKERS[i % len(MARKERS)], markersize=3.5, capsize=2, linestyle="none", linewidth=1.0)
+        ax.axvline(len(tasks) - means["task"].nunique() - 0.5, color="0.75", linewidth=0.8)  # tasks | means
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(tasks) - 0.4)
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(f"r = {rank}", fontsize=9)
+    legend(axes[0][0])
+    fig.suptitle(f"{exp.name}: per task and task-group mean\nmean over seeds, 95 % t-interval", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -404,6 +445,7 @@ def init_cost_figure(bench_dir: Path):
 
 FIGURES = {  # file name -> figure of one experiment (None where it does not apply)
     "rank": rank_figure,
+    "tasks": tasks_figure,
     "lr_curves": lr_curves_figure,
     "eva_ranks": eva_ranks_figure,
     "loss": loss_figure,

@@ -10,7 +10,8 @@ import pytest
 import scipy.stats
 
 from eva_bench import figures, results
-from tests.test_tables import VARIANT_COLUMNS, VARIANT_NLL, paired_t, selected_lr, write_variant_records
+from tests.test_tables import (CW10_SUCCESS, CW10_TASKS, VARIANT_COLUMNS, VARIANT_NLL, paired_t, selected_lr,
+                               write_cw10_records, write_variant_records)
 
 NLL = {  # (init, rank) -> gsm8k/nll of seeds 0, 1, 2
     ("random", 2): [2.90, 2.92, 2.97],
@@ -100,11 +101,30 @@ def test_lr_curves_draw_one_point_per_selection_run_and_star_the_chosen_lr(tmp_p
         assert stars == [(0.01,), (0.02,)]  # eva's best validation lr, random's
 
 
+def test_tasks_figure_draws_each_task_and_the_group_mean_per_method_with_t_intervals(tmp_path):
+    write_cw10_records(tmp_path)
+    fig = figures.tasks_figure(figures.load(tmp_path, "cw10"))
+    (ax,) = fig.axes  # one rank, one main metric
+    assert [t.get_text() for t in ax.get_xticklabels()] == [*CW10_TASKS, "mean: all"]
+    drawn = {c.get_label(): c.lines for c in ax.containers}
+    assert list(drawn) == ["random", "eva", "eva use_dora=True"]
+    for (init, variant), seeds in CW10_SUCCESS.items():
+        line, _, (bars,) = drawn[init if variant is None else f"{init} {variant}"]
+        per_task = np.array(seeds)  # seeds x tasks
+        columns = [*per_task.T, per_task.mean(axis=1)]  # each task's seeds, then the per-seed mean over tasks
+        assert np.allclose(line.get_ydata(), [c.mean() for c in columns])
+        for segment, values in zip(bars.get_segments(), columns):
+            assert np.allclose(sorted(segment[:, 1]), t_interval(values))
+    x = [list(c.lines[0].get_xdata()) for c in ax.containers]
+    assert all(a[0] < b[0] for a, b in zip(x, x[1:]))  # methods side by side, not on top of each other
+
+
 def test_figures_that_do_not_apply_return_none(tmp_path):
     write_demo(tmp_path)
     exp = figures.load(tmp_path, "demo")
     assert figures.lr_curves_figure(exp) is None  # fixed protocol: no selection runs
     assert figures.controls_figure(exp) is None  # not a *_controls experiment
+    assert figures.tasks_figure(exp) is None  # no task group (language)
     write_demo(tmp_path, experiment="no_eva", inits=("random",))
     assert figures.eva_ranks_figure(figures.load(tmp_path, "no_eva")) is None
 

@@ -296,17 +296,25 @@ CW10_SUCCESS = {  # (init, variant) -> per-seed success on (hammer, push-wall)
 }
 
 
-def test_the_papers_eva_dora_mean_lands_beside_the_use_dora_variant_column(tmp_path):
+CW10_TASKS = ("hammer-v3", "push-wall-v3")
+
+
+def write_cw10_records(root: Path) -> None:
+    """CW10_SUCCESS as the records of experiment ``cw10`` (one task group, the paper's CW10 table)."""
     config_of = {variant: {"variant": variant, "paper": {"table": "eva_v5_rl", "model": "dt-mt40"}}
                  for variant in (None, "use_dora=True")}
     for (init, variant), seeds in CW10_SUCCESS.items():
         for seed, per_task in enumerate(seeds):
-            for task, success in zip(("hammer-v3", "push-wall-v3"), per_task):
+            for task, success in zip(CW10_TASKS, per_task):
                 run = {"experiment": "cw10", "task": task, "model": "dt_cpu", "init": init, "rank": 8, "seed": seed,
                        "config_hash": f"{init}-{variant}", "task_group": "mw_cw10_cpu"}
-                results.write_record(tmp_path / "cw10" / f"{task}-{init}-{variant}-{seed}.json", {
+                results.write_record(root / "cw10" / f"{task}-{init}-{variant}-{seed}.json", {
                     "run": run, "status": "success", "config": config_of[variant],
                     "metrics": {"rollout/success_rate": success, "rollout/n": 20}, "finished_at": "2026-01-01"})
+
+
+def test_the_papers_eva_dora_mean_lands_beside_the_use_dora_variant_column(tmp_path):
+    write_cw10_records(tmp_path)
     tables.write_tables(tmp_path, "cw10", tmp_path / "tables")
 
     csv = pd.read_csv(tmp_path / "tables" / "cw10.csv")
