@@ -293,6 +293,16 @@ def paired_with_random_variant(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def other_comparisons(long: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
+    """The paired comparisons beside "method − random", each under its heading: {baseline column: (heading,
+    differences)}."""
+    out = {init: (f"The variants of {init} against plain {init} (paired as above: the ablation's question):", own)
+           for init, own in paired_with_plain(long).items()}
+    out |= {base: (f"Under the same setting, against {base} (paired as above):", same)
+            for base, same in paired_with_random_variant(long).items()}
+    return {base: (heading, differences) for base, (heading, differences) in out.items() if len(differences)}
+
+
 PAIRED_NOTE = (
     "Paired differences from random: method − random on the seeds both have (same data order, same calibration"
     " batches), mean [95 % Student-t interval]; ▲ better, ▼ worse where the interval excludes 0 as printed. A"
@@ -330,17 +340,9 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
     sections = [table.to_markdown(index=False)]
     if len(paired):
         sections.append(f"{PAIRED_NOTE}\n\n{paired_table(paired).to_markdown(index=False)}")
-    other_baselines = {}  # baseline column -> its paired differences, for the CSV
-    for init, own in paired_with_plain(long).items():
-        if len(own):
-            other_baselines[init] = own
-            sections.append(f"The variants of {init} against plain {init} (paired as above: the ablation's question):"
-                            f"\n\n{paired_table(own, baseline=init).to_markdown(index=False)}")
-    for base, same in paired_with_random_variant(long).items():
-        if len(same):
-            other_baselines[base] = same
-            sections.append(f"Under the same setting, against {base} (paired as above):"
-                            f"\n\n{paired_table(same, baseline=base).to_markdown(index=False)}")
+    other_baselines = other_comparisons(long)  # baseline column -> (heading, paired differences)
+    for base, (heading, differences) in other_baselines.items():
+        sections.append(f"{heading}\n\n{paired_table(differences, baseline=base).to_markdown(index=False)}")
     if len(means):  # the task-group averages get a table of their own below the per-task one
         agg_means, paired_means = aggregate(means), paired_with_random(means)
         means_table, _ = build_table(agg_means, paper, paired_means, intervals=True)
@@ -393,7 +395,7 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
 
 
 def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.DataFrame, paper: pd.DataFrame,
-              other_baselines: dict[str, pd.DataFrame] | None = None):
+              other_baselines: dict[str, tuple[str, pd.DataFrame]] | None = None):
     """One row per cell (mean, std, n, paper; for methods other than random its paired difference from random), then
     one per group aggregate (task ``aggregate: <group>``: IQM, and PoI over random), then one per paired difference
     from another column (``other_baselines``: a variant against its plain init; no mean, std or n). ``baseline``
@@ -411,7 +413,7 @@ def write_csv(path: Path, agg: pd.DataFrame, paired: pd.DataFrame, groups: pd.Da
         aggregates = groups.assign(task="aggregate: " + groups["group"]).drop(columns="group")
         aggregates.loc[aggregates["poi"].notna(), "baseline"] = BASELINE  # PoI is over random; IQM stands alone
         out = pd.concat([out, aggregates], ignore_index=True)
-    for base, differences in (other_baselines or {}).items():
+    for base, (_, differences) in (other_baselines or {}).items():
         out = pd.concat([out, differences.assign(baseline=base)], ignore_index=True)
     out = out.reindex(columns=CSV_COLUMNS)
     out["verdict"] = out["verdict"].map(WORDS)
