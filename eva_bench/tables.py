@@ -72,7 +72,10 @@ def print_tol(metric: str) -> float:
 
 
 def signed(value: float, places: int) -> str:
-    return f"{value:+.{places}f}".replace("-", "+") if round(value, places) == 0 else f"{value:+.{places}f}"
+    """``value`` with its sign, "+0.00" for anything that prints as zero. Zero is judged on the printed text:
+    numpy's round() halves to even (round(np.float64(-0.005), 2) is -0.0) where the format rounds -0.005 to -0.01."""
+    text = f"{value:+.{places}f}"
+    return "+" + text[1:] if float(text) == 0 else text
 
 
 def method_name(init: str, variant: str | None) -> str:

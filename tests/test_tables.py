@@ -335,3 +335,9 @@ def test_the_papers_eva_dora_mean_lands_beside_the_use_dora_variant_column(tmp_p
     assert cells["eva use_dora=True (paper)"] == "0.94"
     assert "| mean: mw_cw10_cpu" not in md  # one group: its mean is the mean over all tasks, shown once
     assert cells["eva (paper)"] == "0.9" and cells["random (paper)"] == "0.86"
+
+
+def test_signed_prints_the_sign_of_the_printed_value():
+    assert tables.signed(np.float64(0.0) - np.float64(0.005), 2) == "-0.01"  # numpy's round() would say -0.0
+    assert tables.signed(np.float64(-0.004), 2) == "+0.00"  # prints as zero: no minus sign
+    assert tables.signed(-0.0, 3) == "+0.000" and tables.signed(0.126, 2) == "+0.13"
