@@ -318,7 +318,8 @@ def test_the_papers_eva_dora_mean_lands_beside_the_use_dora_variant_column(tmp_p
     tables.write_tables(tmp_path, "cw10", tmp_path / "tables")
 
     csv = pd.read_csv(tmp_path / "tables" / "cw10.csv")
-    mean_all = csv[(csv.task == "mean: all") & (csv.metric == "rollout/success_rate")].set_index("method")
+    cells = csv[csv["mean"].notna()]  # the rows of other baselines carry a difference only
+    mean_all = cells[(cells.task == "mean: all") & (cells.metric == "rollout/success_rate")].set_index("method")
     assert mean_all.loc["eva use_dora=True", "mean"] == pytest.approx(np.mean([0.8, 0.9, 0.7, 0.9]))
     assert mean_all["paper"].to_dict() == {"random": 0.86, "eva": 0.90, "eva use_dora=True": 0.94}
     assert csv.loc[~csv.task.str.startswith("mean"), "paper"].isna().all()  # per task the paper states nothing
@@ -334,6 +335,15 @@ def test_the_papers_eva_dora_mean_lands_beside_the_use_dora_variant_column(tmp_p
                                           f"[{np.mean(per_seed) - half:.2f}, {np.mean(per_seed) + half:.2f}]")
     assert cells["eva use_dora=True (paper)"] == "0.94"
     assert "| mean: mw_cw10_cpu" not in md  # one group: its mean is the mean over all tasks, shown once
+
+    # the paper's EVA+DoRA vs EVA question, asked of the group mean too (per seed, paired)
+    section = md.split("Task-group averages. The variants of eva against plain eva")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| mean: all"))
+    dora_minus_eva = [np.mean(d) - np.mean(e) for d, e in zip(CW10_SUCCESS["eva", "use_dora=True"],
+                                                                CW10_SUCCESS["eva", None])]
+    assert f"{np.mean(dora_minus_eva):+.2f} [" in row
+    in_csv = csv[(csv.task == "mean: all") & (csv.baseline == "eva")]
+    assert in_csv["diff"].tolist() == pytest.approx([np.mean(dora_minus_eva)])
     assert cells["eva (paper)"] == "0.9" and cells["random (paper)"] == "0.86"
 
 
