@@ -4,7 +4,7 @@ SHA-256), and how the current cache compares with the committed manifest ``resul
 
     with pinned_threads(BUILD_THREADS):     # a build's floating-point sums do not depend on the core count
         ...
-    verdicts(experiment_artifacts("rl", "rl_cw10_cpu"))   # {"mw_cw10_cpu hammer-v3 dataset": "... matches committed", ...}
+    verdicts(experiment_artifacts("rl", "rl_cw10_cpu"))  # {"mw_cw10_cpu hammer-v3 dataset": "... matches ...", ...}
 
 Why threads are pinned: torch splits a reduction (a bias or LayerNorm gradient, a matmul) into one chunk per thread,
 so the same build with 1 and 2 threads differs in the last bits, and fine-tuning amplifies that. With a fixed count
@@ -98,7 +98,8 @@ def verdicts(current: dict[str, dict], manifest: dict | None = None) -> dict[str
         elif entry["hash"] == reference["hash"]:
             out[name] = f"{reference['hash_of']} matches committed"
         else:
-            out[name] = f"{reference['hash_of']} differs from committed ({entry['hash'][:12]} vs {reference['hash'][:12]})"
+            ours, theirs = entry["hash"][:12], reference["hash"][:12]
+            out[name] = f"{reference['hash_of']} differs from committed ({ours} vs {theirs})"
     return out
 
 
@@ -136,7 +137,7 @@ def rl_artifacts(cfg) -> dict[str, dict]:
     from tasks.rl import data as rl_data
     from tasks.rl import pretrain as rl_pretrain
 
-    split = cfg.task.name
+    split, here = cfg.task.name, machine()
     finetune = str(cfg.hydra.sweeper.params.get("task.finetune", cfg.task.finetune)).split(",")
     out = {}
     for task in dict.fromkeys([*cfg.task.pretrain_tasks, *finetune]):
@@ -145,7 +146,7 @@ def rl_artifacts(cfg) -> dict[str, dict]:
         out[f"{split} {task} dataset"] = {
             "module": "rl", "key": spec.dataset_id,
             "hash": dataset_content_hash(rl_data.expert_dataset(spec)) if built else None,
-            "hash_of": "content sha256 (episodes' arrays)", "threads": None, "machine": machine() if built else None}
+            "hash_of": "content sha256 (episodes' arrays)", "threads": None, "machine": here if built else None}
     checkpoint = rl_pretrain.checkpoint_folder(cfg)
     meta = json.loads((checkpoint / "meta.json").read_text()) if (checkpoint / "meta.json").exists() else {}
     out[f"{split} {cfg.model.name} checkpoint"] = {

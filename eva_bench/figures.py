@@ -171,11 +171,11 @@ def tasks_figure(exp: Experiment):
     for ax, (metric, rank) in zip(axes[:, 0], panels):
         part = scores[(scores["metric"] == metric) & (scores["rank"] == rank)]
         methods = tables.method_order(part["method"].unique())
+        by_method = dict(list(part.groupby("method")))
         for i, method in enumerate(methods):
             offset = 0.7 * ((i + 0.5) / len(methods) - 0.5)  # methods side by side within a task's slot
-            rows = [(x + offset, *mean_and_interval(part.loc[(part["task"] == task) & (part["method"] == method),
-                                                             "value"]))
-                    for x, task in enumerate(tasks) if ((part["task"] == task) & (part["method"] == method)).any()]
+            values = by_method[method].groupby("task")["value"]
+            rows = sorted((tasks.index(task) + offset, *mean_and_interval(v)) for task, v in values)  # left to right
             x, mean, low, high = (np.array(c, dtype=float) for c in zip(*rows))
             ax.errorbar(x, mean, yerr=[mean - low, high - mean], label=method, color=color(method),
                         marker=MARKERS[i % len(MARKERS)], markersize=3.5, capsize=2, linestyle="none", linewidth=1.0)

@@ -358,8 +358,9 @@ def write_tables(results_dir: Path, experiment: str, out_dir: Path) -> Path | No
         for base, (heading, differences) in other_comparisons(means).items():
             sections.append(f"Task-group averages. {heading}\n\n"
                             + paired_table(differences, baseline=base).to_markdown(index=False))
-            per_task = other_baselines.get(base, (heading, None))[1]  # the CSV gets both, told apart by task
-            other_baselines[base] = (heading, pd.concat([per_task, differences], ignore_index=True))
+            if base in other_baselines:  # the CSV gets both, told apart by task
+                differences = pd.concat([other_baselines[base][1], differences], ignore_index=True)
+            other_baselines[base] = (heading, differences)
         agg = pd.concat([agg, agg_means], ignore_index=True)
         paired = pd.concat([paired, paired_means], ignore_index=True)
         table = pd.concat([table, means_table], ignore_index=True).fillna("")
